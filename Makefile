@@ -1,0 +1,24 @@
+# The two commands of the README: `make run` (set-up, then the default pipeline) and
+# `make test` (set-up, then the test suite inside a loopback-only network namespace).
+VENV := .venv
+MPQ := $(VENV)/bin/mpq
+
+.PHONY: setup run test test-all lint clean-outputs
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(MPQ) pipeline $(ARGS)
+
+test: setup
+	@bash scripts/run_tests.sh $(ARGS)
+
+test-all: setup
+	@MPQ_TEST_SLOW=1 bash scripts/run_tests.sh $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check framework launchers tests benchmarks
+
+clean-outputs:
+	rm -rf outputs multirun

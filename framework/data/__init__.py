@@ -1,0 +1,16 @@
+"""Datasets (a registry), proxy subsets and loaders."""
+
+from framework.data.loaders import build_loader
+from framework.data.proxy import balanced_subset, indices_hash
+from framework.data.registry import DATASETS, DatasetSpec, available_datasets, build_dataset, get_dataset_spec
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "available_datasets",
+    "balanced_subset",
+    "build_dataset",
+    "build_loader",
+    "get_dataset_spec",
+    "indices_hash",
+]

@@ -1,0 +1,20 @@
+"""Process-wide environment defaults: telemetry off and loopback-only servers.
+
+Set before Ray, Aim or DeepSpeed are imported so that none of them reports usage over the network.
+Users may still override any of these variables explicitly.
+"""
+
+import os
+
+_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "AIM_UI_TELEMETRY_ENABLED": "0",
+    "AIM_TELEMETRY_ENABLED": "0",
+    "TQDM_MININTERVAL": "1",
+}
+
+
+def configure_environment() -> None:
+    """Apply the defaults above without overwriting anything the user already set."""
+    for key, value in _DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,76 @@
+"""The `result.json` contract every stage honours (DESIGN.md, "Run directory").
+
+`{"stage", "status": "ok"|"error", "metrics", "artifacts", "config", ...}` written atomically, so a
+reader never sees half a file and a failed run never leaves a file claiming success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class Result:
+    """What a stage returns: small metrics and the paths of the files it wrote."""
+
+    stage: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def config_to_dict(cfg: DictConfig | dict | None) -> dict[str, Any] | None:
+    """The resolved config as plain containers (interpolations that cannot resolve stay as text)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:  # an interpolation only Hydra's runtime can resolve
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def write_result(run_dir: str | Path, result: Result, cfg: DictConfig | dict | None = None) -> Path:
+    """Write `run_dir/result.json` for `result` and return its path."""
+    payload: dict[str, Any] = {
+        "stage": result.stage,
+        "status": result.status,
+        "metrics": result.metrics,
+        "artifacts": result.artifacts,
+        **result.extra,
+        "config": config_to_dict(cfg),
+    }
+    path = Path(run_dir) / "result.json"
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any]:
+    """Read `run_dir/result.json`."""
+    return json.loads((Path(run_dir) / "result.json").read_text())

@@ -1,0 +1,1 @@
+"""The training engine: optimizers and schedules, the train/eval loops, checkpoints."""

@@ -1,0 +1,123 @@
+"""Checkpoints: one directory per save, written under a temporary name and renamed into place.
+
+Layout of a checkpoint directory::
+
+    meta.json      format, model (name, classes, channels, options), data geometry, step, epoch, metrics
+    model.pt       the model's state dict
+    training.pt    optimizer, scheduler and RNG states (present when training can resume from it)
+
+A save writes everything into `.<name>.tmp-<pid>` beside the target, then swaps it in with
+renames; a reader therefore sees the old checkpoint or the new one, never half of one. Loading
+uses `torch.load(..., weights_only=True)`; anything unreadable is an :class:`MPQError` that names
+the path and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from framework.errors import MPQError
+
+FORMAT = "mpq-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    training_state: dict[str, Any] | None = field(default=None)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write a checkpoint directory at `path` (replacing any previous one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    meta = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(), **meta}
+    torch.save(model.state_dict(), tmp / "model.pt")
+    if training_state is not None:
+        torch.save(training_state, tmp / "training.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a run directory holding `checkpoints/last`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MPQError(f"checkpoint {path} does not exist; pass the checkpoint directory a run wrote (…/checkpoints/last)")
+    if (path / "meta.json").exists() or (path / "model.pt").exists():
+        return path
+    for candidate in (path / "checkpoints" / "last", path / "last"):
+        if (candidate / "meta.json").exists():
+            return candidate
+    raise MPQError(f"{path} is not a checkpoint: it holds no meta.json (a checkpoint directory has meta.json and model.pt)")
+
+
+def load_checkpoint(path: str | Path, with_training_state: bool = False) -> Checkpoint:
+    """Read a checkpoint directory; corrupt or foreign files are one clear error."""
+    path = resolve_checkpoint_path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise MPQError(f"checkpoint {path} is corrupt: meta.json is unreadable ({type(err).__name__}); re-run the stage that wrote it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise MPQError(f"checkpoint {path} is not an {FORMAT} checkpoint (meta.json lacks format/model)")
+    try:
+        model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MPQError(
+            f"checkpoint {path} is corrupt: model.pt cannot be read ({type(err).__name__}); "
+            f"re-run the stage that wrote it or use another checkpoint"
+        ) from None
+    if not isinstance(model_state, dict):
+        raise MPQError(f"checkpoint {path} is corrupt: model.pt does not hold a state dict")
+    training_state = None
+    if with_training_state and (path / "training.pt").exists():
+        try:
+            training_state = torch.load(path / "training.pt", map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise MPQError(f"checkpoint {path} is corrupt: training.pt cannot be read ({type(err).__name__})") from None
+    return Checkpoint(path=path, meta=meta, model_state=model_state, training_state=training_state)
+
+
+def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Load the checkpoint's weights into `model`; a mismatch names the differing tensors."""
+    result = model.load_state_dict(checkpoint.model_state, strict=False)
+    own = model.state_dict()
+    wrong_shape = [
+        k for k, v in checkpoint.model_state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+    ]
+    if result.missing_keys or result.unexpected_keys or wrong_shape:
+        detail = "; ".join(
+            f"{label}: {names[:4]}{' ...' if len(names) > 4 else ''}"
+            for label, names in (
+                ("missing", result.missing_keys),
+                ("unexpected", result.unexpected_keys),
+                ("wrong shape", wrong_shape),
+            )
+            if names
+        )
+        raise MPQError(f"checkpoint {checkpoint.path} does not match the model ({detail})")

@@ -1,0 +1,86 @@
+"""The plain training and evaluation loops (one process, any device)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_steps(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
+    max_steps: int,
+    on_step: Callable[[int, float, float], None] | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Run at most `max_steps` optimizer steps over one pass of `loader`.
+
+    Returns the mean loss and top-1 over the steps taken and their count; `on_step(i, loss, acc)` is
+    called after each step (for tracking).
+    """
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    total_loss = total_correct = total_seen = 0.0
+    steps = 0
+    bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True)
+    for images, labels in bar:
+        if steps >= max_steps:
+            break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        batch_loss = loss.item()
+        batch_acc = (logits.argmax(1) == labels).float().mean().item()
+        total_loss += batch_loss * len(labels)
+        total_correct += batch_acc * len(labels)
+        total_seen += len(labels)
+        bar.set_postfix(loss=f"{batch_loss:.3f}", acc=f"{batch_acc:.3f}", refresh=False)
+        if on_step is not None:
+            on_step(steps, batch_loss, batch_acc)
+    bar.close()
+    seen = max(total_seen, 1.0)
+    return {"loss": total_loss / seen, "top1": total_correct / seen, "steps": steps}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval") -> dict[str, float]:
+    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over the whole loader."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss = correct = seen = 0.0
+    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss += criterion(logits, labels).item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    seen = max(seen, 1.0)
+    return {"top1": correct / seen, "loss": loss / seen, "samples": int(seen)}

@@ -1,0 +1,124 @@
+"""The `mpq` command: `mpq <stage> [hydra overrides...]`.
+
+The first argument picks the stage; everything after it is Hydra's (overrides, `--multirun`,
+`--help`, `--cfg job`). The command only composes the config and calls
+`framework.pipeline.run_<stage>(cfg)`; no training logic lives here. User errors print one line,
+`mpq <stage>: error: ...`, leave a `result.json` with `status: error` in the run directory and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from framework.paths import CONF_DIR
+
+#: every stage of the command, in pipeline order, with a one-line description
+STAGES: dict[str, str] = {
+    "pretrain": "train the full-precision model on the target data",
+    "search": "search a mixed-precision policy on the proxy data",
+    "sweep": "run many proxy searches (Ray Tune) and pick the policy under a budget",
+    "finetune": "quantization-aware fine-tuning of the target model under a policy",
+    "evaluate": "top-1 of a checkpoint on the target's test split",
+    "export": "export integer weights of a quantized model",
+    "cost": "MACs, BitOps and size of a model under a policy, without data",
+    "pipeline": "the stages that exist, in order, with a summary table",
+}
+
+USAGE = (
+    "usage: mpq <stage> [key=value ...] [--multirun] [--help]\n\n"
+    "stages:\n" + "\n".join(f"  {name:<10}{text}" for name, text in STAGES.items()) + "\n\n"
+    "examples:\n"
+    "  mpq pipeline                                  the default run (Fashion-MNIST target)\n"
+    "  mpq pretrain model=resnet20 train.epochs=5    override any config value\n"
+    "  mpq evaluate checkpoint=outputs/pretrain/<run>/checkpoints/last\n"
+    "  mpq pretrain --help                           the stage's config and groups (Hydra)\n"
+)
+
+_GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}(?P<group>[a-z_]+)=(?P<value>[^=]*)$")
+_SWEEP_SYNTAX = re.compile(r"[()\[\]{}*$]")
+
+
+def _config_groups() -> dict[str, list[str]]:
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(CONF_DIR.iterdir())
+        if d.is_dir() and not d.name.startswith((".", "_"))
+    }
+
+
+def check_group_choices(overrides: list[str]) -> str | None:
+    """One line naming an unknown config-group option (`model=resnet9`), or None if all exist."""
+    groups = _config_groups()
+    for item in overrides:
+        match = _GROUP_OVERRIDE.match(item)
+        if not match or match["group"] not in groups or _SWEEP_SYNTAX.search(match["value"]):
+            continue
+        for value in filter(None, match["value"].split(",")):
+            if value != "null" and value not in groups[match["group"]]:
+                return (
+                    f"unknown {match['group']} '{value}'; choose one of: {', '.join(groups[match['group']])}"
+                    f" (config files in conf/{match['group']}/)"
+                )
+    return None
+
+
+def _stage_function(stage: str) -> Callable:
+    from framework import pipeline
+
+    return getattr(pipeline, f"run_{stage}")
+
+
+def _task(cfg) -> None:
+    """Hydra's task: resolve the run directory, check the config, run the stage."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from framework.config_checks import check_config
+    from framework.errors import MPQError
+    from framework.results import Result, write_result
+
+    stage = str(cfg.stage)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    try:
+        check_config(cfg)
+        if cfg.launcher.name != "local":
+            raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local")
+        _stage_function(stage)(cfg)
+    except MPQError as err:
+        write_result(run_dir, Result(stage, status="error", extra={"error": str(err)}), cfg)
+        print(f"mpq {stage}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"mpq {stage}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    stage, rest = args[0], args[1:]
+    if stage not in STAGES:
+        print(f"mpq: error: unknown stage '{stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    problem = check_group_choices(rest)
+    if problem:
+        print(f"mpq {stage}: error: {problem}", file=sys.stderr)
+        return 2
+
+    import hydra
+
+    sys.argv = [f"mpq {stage}", *rest, f"stage={stage}"]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

