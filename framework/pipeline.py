@@ -13,12 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework import __version__
 from framework.data import build_dataset, build_loader
 from framework.errors import MPQError, StageNotAvailable
 from framework.models import create_model
+from framework.policy import Policy, policy_from_dict, validate_policy, write_policy
+from framework.quant.apply import Geometry, quantize_with_policy, resolve_policy
+from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result, write_result
 from framework.track import open_tracker
 from framework.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -173,11 +177,49 @@ def run_pretrain(cfg: DictConfig) -> Result:
     return result
 
 
+def _checkpoint_geometry(ckpt, cfg: DictConfig) -> Geometry:
+    data = ckpt.meta.get("data", {})
+    spec_size = data.get("input_size") or cfg.data.input_size
+    return Geometry(int(spec_size or 28), int(data.get("channels") or cfg.data.channels))
+
+
+def model_from_checkpoint(ckpt, cfg: DictConfig):
+    """The model a checkpoint holds, quantized as its `meta.quant` says, with its weights loaded.
+
+    Returns `(model, policy or None, layers or None)`.
+    """
+    model_meta = ckpt.meta["model"]
+    quant = ckpt.meta.get("quant")
+    model = _build_model(model_meta)
+    policy = layers = None
+    if quant:
+        policy = policy_from_dict(quant["policy"], f"the policy in checkpoint {ckpt.path}")
+        qcfg = OmegaConf.create(quant["config"])
+        geometry = _checkpoint_geometry(ckpt, cfg)
+        layers = trace_layers(model, geometry.input_size, geometry.in_channels)
+        validate_policy(policy, model_meta["name"], layers, f"the policy in checkpoint {ckpt.path}")
+        quantize_with_policy(model, policy, qcfg, layers)
+    load_model_state(model, ckpt)
+    return model, policy, layers
+
+
+@torch.no_grad()
+def calibrate(model, loader, device, batches: int) -> None:
+    """Initialise data-dependent quantizers (LSQ activation steps) on a few training batches."""
+    model.eval()
+    for i, (images, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(images.to(device))
+
+
 def run_evaluate(cfg: DictConfig) -> Result:
-    """Top-1 of the checkpoint at `cfg.checkpoint` on the test split of `cfg.data`.
+    """Top-1 of the checkpoint at `cfg.checkpoint` on the test split of `cfg.data`, with its cost.
 
     The model and the input geometry (size, channels) come from the checkpoint, the dataset from
-    `cfg.data`; a checkpoint trained for another number of classes is an error.
+    `cfg.data`. A quantized checkpoint is evaluated under its own policy; `policy=uniform:W/A` or
+    `policy=<policy.json>` quantizes a full-precision checkpoint after training (LSQ steps initialised
+    on `quant.calibration_batches` training batches). BitOps and size are at the checkpoint's input size.
     """
     stage = "evaluate"
     if not cfg.get("checkpoint"):
@@ -188,19 +230,29 @@ def run_evaluate(cfg: DictConfig) -> Result:
     device = resolve_device(cfg.get("device", "auto"))
     ckpt = load_checkpoint(cfg.checkpoint)
     model_meta = ckpt.meta["model"]
-    geometry = ckpt.meta.get("data", {})
+    geometry = _checkpoint_geometry(ckpt, cfg)
     data_cfg = cfg.data.copy()
     with open_dict(data_cfg):
-        data_cfg.input_size = geometry.get("input_size", data_cfg.input_size)
-        data_cfg.channels = geometry.get("channels", data_cfg.channels)
+        data_cfg.input_size = geometry.input_size
+        data_cfg.channels = geometry.in_channels
     test_set = build_dataset(data_cfg, "test")
     if test_set.mpq_info["num_classes"] != model_meta["num_classes"]:
         raise MPQError(
             f"checkpoint {ckpt.path} predicts {model_meta['num_classes']} classes but dataset "
             f"'{cfg.data.name}' has {test_set.mpq_info['num_classes']}; pick the data=<name> it was trained on"
         )
-    model = _build_model(model_meta)
-    load_model_state(model, ckpt)
+    model, policy, layers = model_from_checkpoint(ckpt, cfg)
+    if cfg.get("policy"):
+        if policy is not None:
+            raise MPQError(f"checkpoint {ckpt.path} is already quantized under its own policy; drop policy=")
+        policy, layers = resolve_policy(
+            str(cfg.policy), model_meta["name"], lambda: _build_model(model_meta), geometry, cfg.quant
+        )
+        quantize_with_policy(model, policy, cfg.quant, layers)
+        model.to(device)
+        calib = build_dataset(data_cfg, "train", train_transforms=False)
+        calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device,
+                  int(cfg.quant.get("calibration_batches", 1)))
     model.to(device)
     tracker = open_tracker(cfg, stage)
     started = time.time()
@@ -211,14 +263,82 @@ def run_evaluate(cfg: DictConfig) -> Result:
     finally:
         tracker.close()
     metrics = {"top1": val["top1"], "loss": val["loss"], "samples": val["samples"], "seconds": round(time.time() - started, 2)}
+    if policy is None:
+        float_model = _build_model(model_meta)
+        traced = trace_layers(float_model, geometry.input_size, geometry.in_channels)
+        policy_metrics = policy_cost(traced, {layer.name: (32, 32) for layer in traced}, float_parameter_count(float_model))
+    else:
+        policy_metrics = policy_cost(layers, policy.bits(), float_parameter_count(_build_model(model_meta)))
+        metrics.update({f"avg_{k}": v for k, v in policy.average_bits().items()})
+    metrics.update(bitops=policy_metrics["bitops"], gbitops=policy_metrics["gbitops"], size_mb=policy_metrics["size_mb"],
+                   macs=policy_metrics["macs"], input_size=geometry.input_size)
+    artifacts = {"checkpoint": str(ckpt.path)}
+    if policy is not None:
+        artifacts.update(write_policy(policy, run_dir / "policy.json"))
     result = Result(
         stage,
         metrics=metrics,
-        artifacts={"checkpoint": str(ckpt.path)},
-        extra={"data": test_set.mpq_info, "model": model_meta, "tracking": tracker.info()},
+        artifacts=artifacts,
+        extra={"data": test_set.mpq_info, "model": model_meta, "tracking": tracker.info(),
+               "quantized": policy is not None},
     )
     write_result(run_dir, result, cfg)
     return result
+
+
+def run_cost(cfg: DictConfig) -> Result:
+    """MACs, BitOps and size of `cfg.model` under `cfg.policy` at `input_size` x `in_channels`, no data.
+
+    `policy` is `uniform:W/A` (default 8/8) or a `policy.json`. Prints a per-layer table; writes the
+    policy (as applied, with its plot) and `result.json` with `metrics.macs`, `bitops`, `size_mb`.
+    """
+    stage = "cost"
+    run_dir = _run_dir(cfg, stage)
+    input_size = int(cfg.get("input_size") or cfg.data.input_size or 224)
+    in_channels = int(cfg.get("in_channels") or 3)
+    num_classes = int(cfg.get("num_classes") or cfg.model.get("num_classes") or 1000)
+    meta = {**_model_meta(cfg, num_classes), "in_channels": in_channels}
+    spec = str(cfg.get("policy") or "uniform:8/8")
+    policy, layers = resolve_policy(spec, meta["name"], lambda: _build_model(meta), Geometry(input_size, in_channels), cfg.quant)
+    total = policy.cost["target"]
+    print(format_cost_table(policy, layers, input_size, in_channels))
+    artifacts = write_policy(policy, run_dir / "policy.json")
+    tracker = open_tracker(cfg, stage)
+    try:
+        for key in ("gmacs", "gbitops", "size_mb"):
+            tracker.track(key, getattr(total, key) if hasattr(total, key) else total.model_extra[key], step=0, subset="val")
+        tracker.track_image("policy", artifacts["policy_plot"], step=0, subset="val")
+    finally:
+        tracker.close()
+    metrics = {
+        "macs": total.macs, "gmacs": total.macs / 1e9, "bitops": total.bitops, "gbitops": total.gbitops,
+        "size_mb": total.size_mb, "layers": len(layers), "input_size": input_size, "in_channels": in_channels,
+        **{f"avg_{k}": v for k, v in policy.average_bits().items()},
+    }
+    result = Result(stage, metrics=metrics, artifacts=artifacts,
+                    extra={"model": meta, "policy_spec": spec, "tracking": tracker.info()})
+    write_result(run_dir, result, cfg)
+    return result
+
+
+def format_cost_table(policy: Policy, layers: list, input_size: int, in_channels: int) -> str:
+    """The per-layer table `mpq cost` prints."""
+    head = f"{'layer':<28}{'kind':<7}{'W/A':>7}{'MMACs':>10}{'params':>10}{'MBitOps':>11}"
+    lines = [f"{policy.model} at {in_channels}x{input_size}x{input_size}", head, "-" * len(head)]
+    for layer in layers:
+        entry = policy.layers[layer.name]
+        mark = "*" if entry.fixed else ""
+        lines.append(
+            f"{layer.name:<28.28}{layer.kind:<7}{f'{entry.w_bits}/{entry.a_bits}{mark}':>7}{layer.macs / 1e6:>10.2f}"
+            f"{layer.params:>10d}{layer.macs * entry.w_bits * entry.a_bits / 1e6:>11.1f}"
+        )
+    total = policy.cost["target"]
+    lines += [
+        "-" * len(head),
+        f"total: {total.macs / 1e9:.4f} GMACs, {total.gbitops:.3f} GBitOps, {total.size_mb:.3f} MB"
+        + ("   (* fixed layer)" if any(e.fixed for e in policy.layers.values()) else ""),
+    ]
+    return "\n".join(lines)
 
 
 def _not_available(stage: str):
@@ -234,7 +354,6 @@ run_search = _not_available("search")
 run_sweep = _not_available("sweep")
 run_finetune = _not_available("finetune")
 run_export = _not_available("export")
-run_cost = _not_available("cost")
 
 
 def _sub_config(cfg: DictConfig, run_dir: Path, **updates: Any) -> DictConfig:

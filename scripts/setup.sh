@@ -75,7 +75,9 @@ fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing the project and its pinned stack into .venv (first time: a few minutes, ~7 GB)"
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-  "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]"
+  # (the machine's pip.conf may list local index folders that do not exist: keep their warnings out)
+  "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   "$VENV/bin/pip" check >/dev/null
   echo "$want" > "$stamp"
 fi

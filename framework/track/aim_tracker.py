@@ -37,6 +37,9 @@ class NullTracker:
     def set(self, key: str, value: Any) -> None:
         pass
 
+    def track_image(self, name: str, path: str, step: int | None = None, subset: str = "train") -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -78,6 +81,14 @@ class Tracker(NullTracker):
 
     def set(self, key: str, value: Any) -> None:
         self._run[key] = value
+
+    def track_image(self, name: str, path: str, step: int | None = None, subset: str = "train") -> None:
+        """A PNG (a policy plot, a loss curve) shown in Aim's Images explorer."""
+        from aim import Image as AimImage
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self._run.track(AimImage(image.convert("RGB")), name=name, step=step, context={"subset": subset})
 
     def close(self) -> None:
         if self._run is None:

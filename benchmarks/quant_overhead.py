@@ -1,0 +1,253 @@
+"""Training-step overhead of fake quantization: full precision vs. a fixed policy vs. the search supernet.
+
+Measures, in one process, the wall time of one training step (forward, backward, SGD step) of
+ResNet-20 (10 classes) on a batch of random 32x32 RGB inputs (128 by default) for three variants:
+
+- ``fp``: the float model (``framework.models.create_model``);
+- ``fixed``: the same model converted by ``framework.quant.quantize_model`` to a seeded mixed policy
+  (first conv and last linear at 8/8 bits, every other layer a random choice from {2, 3, 4, 6} for
+  weights and activations, ``numpy.random.default_rng(0)``) with the LSQ quantizers of
+  ``conf/quant/lsq.yaml``;
+- ``supernet``: the search supernet of ``framework.quant.build_supernet`` with 4 candidate
+  bit-widths per layer and the min-max / learned-range quantizers of ``conf/quant/minmax.yaml``.
+
+Every variant is warmed up (which also initialises the LSQ step sizes), then the variants are timed
+in interleaved rounds (the order rotates from round to round) and the median step time over all
+timed steps is reported with its ratio to full precision, against the targets fixed <= 1.3x and
+supernet <= 1.6x. Absolute milliseconds depend on the machine and its load; on shared machines only
+the ratios measured side by side in one run are meaningful.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/quant_overhead.py
+    .venv/bin/python benchmarks/quant_overhead.py --threads 1 --rounds 5 --json /tmp/overhead.json
+    .venv/bin/python benchmarks/quant_overhead.py --profile   # top ops of one supernet step
+
+The last line printed is ``ratio: fixed/fp=<x> supernet/fp=<y>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from framework.models import create_model
+from framework.quant import build_supernet, fixed_layer_names, quantize_model, trace_layers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL = "resnet20"
+NUM_CLASSES = 10
+IN_CHANNELS = 3
+INPUT_SIZE = 32
+FIXED_BITS = 8
+POLICY_CHOICES = (2, 3, 4, 6)
+POLICY_SEED = 0
+TARGETS = {"fixed": 1.3, "supernet": 1.6}  # max ratio of step time to full precision
+
+
+@dataclass
+class Variant:
+    """One model under test with its optimizer and the step times measured so far (seconds)."""
+
+    name: str
+    description: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_times: list[float] = field(default_factory=list)
+    round_means: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.step_times)
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before timing (default: 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round (default: 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: 3)")
+    parser.add_argument("--profile", action="store_true", help="profile one supernet step and print its top ops")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    for name in ("threads", "batch_size", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be non-negative")
+    return args
+
+
+def float_model() -> nn.Module:
+    return create_model(MODEL, num_classes=NUM_CLASSES, in_channels=IN_CHANNELS)
+
+
+def mixed_policy(layer_names: list[str], fixed: set[str]) -> dict[str, tuple[int, int]]:
+    """Fixed layers at 8/8 bits, every other layer a seeded random (w_bits, a_bits) from POLICY_CHOICES."""
+    rng = np.random.default_rng(POLICY_SEED)
+    bits: dict[str, tuple[int, int]] = {}
+    for name in layer_names:
+        if name in fixed:
+            bits[name] = (FIXED_BITS, FIXED_BITS)
+        else:
+            w_bits, a_bits = rng.choice(POLICY_CHOICES, size=2)
+            bits[name] = (int(w_bits), int(a_bits))
+    return bits
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def build_variants() -> tuple[list[Variant], dict[str, tuple[int, int]]]:
+    """The three models under test (each in train mode) and the fixed variant's policy."""
+    fp = float_model()
+
+    fixed_model = float_model()
+    layers = trace_layers(fixed_model, INPUT_SIZE, IN_CHANNELS)  # trace the float model, before converting
+    policy = mixed_policy([layer.name for layer in layers], fixed_layer_names(layers, FIXED_BITS))
+    quantize_model(fixed_model, policy, OmegaConf.load(REPO_ROOT / "conf/quant/lsq.yaml"), layers)
+
+    supernet = float_model()
+    minmax = OmegaConf.load(REPO_ROOT / "conf/quant/minmax.yaml")
+    build_supernet(supernet, trace_layers(supernet, INPUT_SIZE, IN_CHANNELS), minmax)
+    candidates = f"w{list(minmax.candidates_w)} a{list(minmax.candidates_a)}"
+
+    variants = [
+        Variant("fp", "full precision", fp, sgd(fp)),
+        Variant("fixed", "fixed mixed policy, LSQ", fixed_model, sgd(fixed_model)),
+        Variant("supernet", f"supernet {candidates}, min-max/learned range", supernet, sgd(supernet)),
+    ]
+    for variant in variants:
+        variant.model.train()
+    return variants, policy
+
+
+def make_step(variant: Variant, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One training step of `variant` on the fixed batch; returns the (detached) loss."""
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> torch.Tensor:
+        variant.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(variant.model(inputs), targets)
+        loss.backward()
+        variant.optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def measure(variants: list[Variant], steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace) -> None:
+    """Warm up every variant, then time them in interleaved rounds with a rotating order."""
+    for variant in variants:
+        losses = [steps[variant.name]() for _ in range(args.warmup)]
+        if losses and not all(bool(torch.isfinite(loss)) for loss in losses):
+            print(f"warning: {variant.name}: non-finite loss during warm-up ({[float(v) for v in losses]})")
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for variant in order:
+            step = steps[variant.name]
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            variant.step_times.extend(times)
+            variant.round_means.append(sum(times) / len(times))
+        means = "  ".join(f"{v.name}={1e3 * v.round_means[-1]:.1f}ms" for v in variants)
+        print(f"round {r + 1}/{args.rounds}: {means}")
+
+
+def profile_step(step: Callable[[], torch.Tensor]) -> str:
+    """The top 15 ops by self CPU time of one (already warmed-up) training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    variants, policy = build_variants()
+    inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE)
+    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,))
+    steps = {variant.name: make_step(variant, inputs, targets) for variant in variants}
+
+    searched = [bits for name, bits in policy.items() if bits != (FIXED_BITS, FIXED_BITS)]
+    print(f"{MODEL}, batch {args.batch_size}x{IN_CHANNELS}x{INPUT_SIZE}x{INPUT_SIZE}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps")
+    print(f"fixed policy (seed {POLICY_SEED}): {len(policy)} layers, first/last at {FIXED_BITS}/{FIXED_BITS}, "
+          f"others mean w={np.mean([w for w, _ in searched]):.2f} a={np.mean([a for _, a in searched]):.2f} bits")
+
+    measure(variants, steps, args)
+
+    fp_ms = variants[0].median_ms
+    ratios = {v.name: v.median_ms / fp_ms for v in variants}
+    print()
+    print(f"{'variant':<10} {'ms/step':>9} {'x fp':>6}  description")
+    for v in variants:
+        print(f"{v.name:<10} {v.median_ms:>9.1f} {ratios[v.name]:>6.2f}  {v.description}")
+    print()
+    passed = {name: ratios[name] <= limit for name, limit in TARGETS.items()}
+    for name, limit in TARGETS.items():
+        print(f"target {name}/fp <= {limit:.1f}x: {ratios[name]:.2f}x  {'PASS' if passed[name] else 'MISS'}")
+
+    if args.profile:
+        print()
+        print("profile of one supernet step (top 15 ops by self CPU time):")
+        print(profile_step(steps["supernet"]))
+
+    if args.json is not None:
+        figures = {
+            "model": MODEL,
+            "batch_size": args.batch_size,
+            "input_size": INPUT_SIZE,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "policy": {name: f"{w}/{a}" for name, (w, a) in policy.items()},  # w_bits/a_bits
+            "variants": {
+                v.name: {
+                    "description": v.description,
+                    "median_ms": v.median_ms,
+                    "round_mean_ms": [1e3 * t for t in v.round_means],
+                    "ratio_to_fp": ratios[v.name],
+                }
+                for v in variants
+            },
+            "targets": {name: {"max_ratio": limit, "pass": passed[name]} for name, limit in TARGETS.items()},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+    print(f"ratio: fixed/fp={ratios['fixed']:.2f} supernet/fp={ratios['supernet']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""From a policy specification to a quantized model: the glue the stages share.
+
+`policy=` is either `uniform:W/A` (every layer at W/A bits, the first conv and last linear at
+`quant.fixed_bits`) or the path of a `policy.json`, which is validated against the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from framework.errors import MPQError
+from framework.policy import (
+    CostAt,
+    Policy,
+    cost_at,
+    make_policy,
+    parse_uniform,
+    read_policy,
+    uniform_bits,
+    validate_policy,
+)
+from framework.quant.convert import fixed_layer_names, quantize_model
+from framework.quant.cost import LayerCost, float_parameter_count, trace_layers
+
+
+@dataclass
+class Geometry:
+    """The input a cost is measured at: `input_size` pixels square, `in_channels` channels."""
+
+    input_size: int
+    in_channels: int
+
+
+def _fixed_bits(qcfg) -> int | None:
+    value = qcfg.get("fixed_bits", 8)
+    return None if value is None or str(value).lower() in ("searched", "none", "null") else int(value)
+
+
+def resolve_policy(
+    spec: str, model_name: str, build_float: Callable[[], nn.Module], geometry: Geometry, qcfg
+) -> tuple[Policy, list[LayerCost]]:
+    """The :class:`Policy` named by `spec` for the float model `build_float()` at `geometry`.
+
+    Returns the policy (its `cost.target` measured at `geometry`) and the traced layers.
+    """
+    model = build_float()
+    layers = trace_layers(model, geometry.input_size, geometry.in_channels)
+    total_params = float_parameter_count(model)
+
+    def recompute_with(bits):
+        def recompute(input_size: int, in_channels: int) -> CostAt:
+            at = layers if (input_size, in_channels) == (geometry.input_size, geometry.in_channels) else trace_layers(
+                build_float(), input_size, in_channels
+            )
+            return cost_at(at, bits, total_params, input_size, in_channels)
+
+        return recompute
+
+    uniform = parse_uniform(spec)
+    if uniform is not None:
+        fixed = fixed_layer_names(layers, _fixed_bits(qcfg))
+        bits = uniform_bits(layers, uniform[0], uniform[1], fixed, _fixed_bits(qcfg))
+        target = cost_at(layers, bits, total_params, geometry.input_size, geometry.in_channels)
+        policy = make_policy(
+            model_name, layers, bits, fixed, {"target": target},
+            provenance={"method": "uniform", "w_bits": uniform[0], "a_bits": uniform[1]},
+        )
+        return policy, layers
+
+    policy = read_policy(spec)
+    source = f"policy file {spec}"
+    validate_policy(policy, model_name, layers, source, recompute=recompute_with(policy.bits()))
+    # report the cost at the requested geometry, measured on the model (not copied from the file)
+    policy.cost["target"] = cost_at(layers, policy.bits(), total_params, geometry.input_size, geometry.in_channels)
+    return policy, layers
+
+
+def quantize_with_policy(model: nn.Module, policy: Policy, qcfg, layers: list[LayerCost]) -> nn.Module:
+    """Convert `model` in place to fixed precision under `policy` (layers give each layer's MACs)."""
+    try:
+        return quantize_model(model, policy.bits(), qcfg, layers)
+    except ValueError as err:
+        raise MPQError(f"cannot apply the policy: {err}") from None
+
+
+def quant_meta(policy: Policy, qcfg) -> dict:
+    """What a quantized checkpoint records in `meta.json` so `evaluate` can rebuild the model."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(qcfg, resolve=True) if not isinstance(qcfg, dict) else dict(qcfg)
+    return {"policy": policy.model_dump(by_alias=True, mode="json"), "config": config}

@@ -1,0 +1,177 @@
+"""Quantized layers: fixed bit-widths (:class:`QConv2d`, :class:`QLinear`) and searchable mixtures
+(:class:`SearchConv2d`, :class:`SearchLinear`).
+
+A fixed layer quantizes its input activation with `a_bits` and its weight with `w_bits`, then runs
+the float op on the quantized tensors (fake quantization). Grouped and depthwise convolutions work
+unchanged because the layer keeps the original `groups`, stride and padding.
+
+A searchable layer (EdMIPS, Cai & Vasconcelos, CVPR 2020; the composite form of GMPQ) holds logits
+`alpha_w` over candidate weight bit-widths `B_w` and `alpha_a` over activation bit-widths `B_a`, and
+runs **one** convolution on mixed inputs and mixed weights::
+
+    x_mix = sum_i softmax(alpha_a)_i * Qa(x; a_i)
+    W_mix = sum_j softmax(alpha_w)_j * Qw(W; b_j)      # one shared full-precision W
+    y     = conv(x_mix, W_mix)
+
+instead of one convolution per candidate (K times the cost). Optional Gumbel-softmax sampling with
+temperature `tau` (training only) and joint weight/activation bits (one set of logits for both,
+SAQ's `wa_same_bit`). The expected bit-width `E[b] = sum_i softmax(alpha)_i * b_i` feeds the
+differentiable cost model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.quant.quantizers import check_bits, make_act_quantizer, make_weight_quantizer
+
+
+class _QuantMixin:
+    """Shared by fixed-precision layers: the input and weight quantizers and their bits."""
+
+    w_bits: int
+    a_bits: int
+    macs: float  # multiply-accumulates at the resolution the layer was traced at (0 if unknown)
+
+    def _init_quant(self, w_bits: int, a_bits: int, qcfg, out_channels: int) -> None:
+        self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
+        self.weight_quant = make_weight_quantizer(
+            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.get("per_channel", False))
+        )
+        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.get("act_init_range", 6.0)))
+        self.macs = 0.0
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"  # type: ignore[misc]
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    """A convolution with fixed weight and input-activation bit-widths."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, qcfg) -> QConv2d:
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer.load_state_dict(conv.state_dict(), strict=False)
+        layer._init_quant(w_bits, a_bits, qcfg, conv.out_channels)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    """A linear layer with fixed weight and input-activation bit-widths."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, qcfg) -> QLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.load_state_dict(linear.state_dict(), strict=False)
+        layer._init_quant(w_bits, a_bits, qcfg, linear.out_features)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class _SearchMixin:
+    """Logits over candidate bit-widths and the mixed quantized input and weight."""
+
+    macs: float
+    gumbel_tau: float | None
+
+    def _init_search(self, w_candidates: Sequence[int], a_candidates: Sequence[int], qcfg, out_channels: int) -> None:
+        self.w_candidates = tuple(check_bits(b) for b in w_candidates)
+        self.a_candidates = tuple(check_bits(b) for b in a_candidates)
+        self.joint = bool(qcfg.get("joint_wa", False))
+        if self.joint and self.w_candidates != self.a_candidates:
+            raise ValueError("joint weight/activation bits need the same candidate sets")
+        init = float(qcfg.get("alpha_init", 0.01))
+        self.alpha_w = nn.Parameter(torch.full((len(self.w_candidates),), init))
+        self.alpha_a = None if self.joint else nn.Parameter(torch.full((len(self.a_candidates),), init))
+        per_channel = bool(qcfg.get("per_channel", False))
+        self.weight_quants = nn.ModuleList(
+            make_weight_quantizer(qcfg.weight, b, out_channels, per_channel) for b in self.w_candidates
+        )
+        init_range = float(qcfg.get("act_init_range", 6.0))
+        self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
+        self.gumbel_tau = qcfg.get("gumbel_tau")
+        self.macs = 0.0
+        self.register_buffer("w_bit_values", torch.tensor(self.w_candidates, dtype=torch.float32), persistent=False)
+        self.register_buffer("a_bit_values", torch.tensor(self.a_candidates, dtype=torch.float32), persistent=False)
+
+    def _logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.alpha_w, self.alpha_w if self.alpha_a is None else self.alpha_a
+
+    def bit_probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax of the logits (the policy's belief, used for cost and derivation)."""
+        aw, aa = self._logits()
+        pw = F.softmax(aw, dim=0)
+        return pw, pw if self.alpha_a is None else F.softmax(aa, dim=0)
+
+    def _mixing_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.gumbel_tau:
+            aw, aa = self._logits()
+            pw = F.gumbel_softmax(aw, tau=float(self.gumbel_tau), hard=False)
+            pa = pw if self.alpha_a is None else F.gumbel_softmax(aa, tau=float(self.gumbel_tau), hard=False)
+            return pw, pa
+        return self.bit_probabilities()
+
+    def expected_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[b_w], E[b_a] under the softmax of the logits (differentiable w.r.t. the logits)."""
+        pw, pa = self.bit_probabilities()
+        return (pw * self.w_bit_values).sum(), (pa * self.a_bit_values).sum()
+
+    def mixed_input_and_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pw, pa = self._mixing_weights()
+        x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
+        w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
+        return x_mix, w_mix
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        return f"{super().extra_repr()}, w_candidates={self.w_candidates}, a_candidates={self.a_candidates}"  # type: ignore[misc]
+
+
+class SearchConv2d(_SearchMixin, nn.Conv2d):
+    """A convolution whose bit-widths are searched: one conv of mixed input and mixed weight."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_candidates, a_candidates, qcfg) -> SearchConv2d:
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        layer.load_state_dict(conv.state_dict(), strict=False)
+        layer._init_search(w_candidates, a_candidates, qcfg, conv.out_channels)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_mix, w_mix = self.mixed_input_and_weight(x)
+        return self._conv_forward(x_mix, w_mix, self.bias)
+
+
+class SearchLinear(_SearchMixin, nn.Linear):
+    """A linear layer whose bit-widths are searched."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_candidates, a_candidates, qcfg) -> SearchLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.load_state_dict(linear.state_dict(), strict=False)
+        layer._init_search(w_candidates, a_candidates, qcfg, linear.out_features)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_mix, w_mix = self.mixed_input_and_weight(x)
+        return F.linear(x_mix, w_mix, self.bias)
+
+
+QUANT_LAYERS = (QConv2d, QLinear)
+SEARCH_LAYERS = (SearchConv2d, SearchLinear)

@@ -1,0 +1,168 @@
+"""Uniform quantizers with the straight-through estimator (STE).
+
+All quantizers map a tensor to `q = clamp(round(x / s), Qn, Qp) * s` for a step size `s`;
+`round` passes its gradient straight through (Bengio et al. 2013), `clamp` zeroes it outside the
+range. 32 bits means "not quantized" and returns the input object itself.
+
+- :class:`LSQQuantizer` (Esser et al., "Learned Step Size Quantization", ICLR 2020): `s` is learned.
+  Signed (weights): `Qn = -2^(b-1)`, `Qp = 2^(b-1) - 1`; unsigned (activations after ReLU):
+  `Qn = 0`, `Qp = 2^b - 1`. The gradient reaching `s` is scaled by `g = 1 / sqrt(N * Qp)`, N the
+  number of elements sharing `s`, and
+  `dq/ds = -x/s + round(x/s)` inside the range, `Qn` below it, `Qp` above it.
+  Init `s = 2 * mean(|x|) / sqrt(Qp)` from the weights, or from the first batch for activations.
+  Per-tensor, or per-output-channel for weights.
+- :class:`MinMaxWeightQuantizer` (the EdMIPS/GMPQ search quantizer): symmetric, threshold
+  `max|W|`, `s = max|W| / (2^(b-1) - 1)`, no state to learn or initialise.
+- :class:`LearnedRangeActQuantizer` (PACT, Choi et al. 2018, as in the EdMIPS/GMPQ search):
+  activations clipped to `[0, r]` with a learnable `r` (init 6.0), `s = r / (2^b - 1)`; the gradient
+  of `r` is 1 where `x >= r` plus the step-size path inside the range.
+
+Activation quantizers decide on their first batch whether their input is signed (a normalised
+image, or MobileNet-V2's linear bottleneck outputs) and use a symmetric range if so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+FULL_PRECISION = 32
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x forward, gradient multiplied by `factor` backward (LSQ's step-size gradient scale)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of a `bits`-bit integer grid."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def check_bits(bits: int) -> int:
+    bits = int(bits)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit-width {bits}; supported: {SUPPORTED_BITS}")
+    return bits
+
+
+class LSQQuantizer(nn.Module):
+    """Learned-step-size quantizer for weights (`signed=True`) or activations (`signed=None`: from data)."""
+
+    def __init__(self, bits: int, signed: bool | None = True, per_channel: bool = False, channels: int = 1):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.per_channel = per_channel
+        self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}"
+
+    def _view(self, step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return step.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else step
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """`s = 2 mean|x| / sqrt(Qp)`, per tensor or per output channel; fixes the sign if unknown."""
+        if int(self.signed) < 0:
+            self.signed.fill_(int(bool((x < 0).any())))
+        _, qp = int_range(self.bits, bool(self.signed))
+        if self.per_channel:
+            mean_abs = x.detach().abs().flatten(1).mean(1)
+        else:
+            mean_abs = x.detach().abs().mean().reshape(1)
+        self.step.copy_((2 * mean_abs / math.sqrt(qp)).clamp_min(1e-8))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= FULL_PRECISION:
+            return x
+        if not bool(self.initialized):
+            self.initialize(x)
+        qn, qp = int_range(self.bits, bool(self.signed))
+        n = x.numel() / (self.step.numel() if self.per_channel else 1)
+        step = self._view(scale_grad(self.step, 1.0 / math.sqrt(n * qp)), x)
+        return round_ste(torch.clamp(x / step, qn, qp)) * step
+
+
+class MinMaxWeightQuantizer(nn.Module):
+    """Symmetric weight quantizer with threshold max|W| (no learned state)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits >= FULL_PRECISION:
+            return w
+        qp = 2 ** (self.bits - 1) - 1
+        step = (w.detach().abs().max() / qp).clamp_min(1e-8)
+        # |w / step| <= qp by construction: the clamp only guards rounding error, so it must not
+        # cut the gradient of the largest weight
+        levels = round_ste(w / step)
+        return (levels + (torch.clamp(levels, -qp, qp) - levels).detach()) * step
+
+
+class LearnedRangeActQuantizer(nn.Module):
+    """PACT-style activation quantizer on [0, r] (or [-r, r] for signed inputs), r learned."""
+
+    def __init__(self, bits: int, init_range: float = 6.0, signed: bool | None = None):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.range = nn.Parameter(torch.tensor(float(init_range)))
+        self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= FULL_PRECISION:
+            return x
+        if int(self.signed) < 0:
+            with torch.no_grad():
+                self.signed.fill_(int(bool((x < 0).any())))
+        r = self.range.abs() + 1e-8
+        if bool(self.signed):
+            clipped = torch.maximum(torch.minimum(x, r), -r)
+            levels = 2 ** (self.bits - 1) - 1
+        else:
+            clipped = torch.minimum(torch.relu(x), r)
+            levels = 2**self.bits - 1
+        step = r / levels
+        return round_ste(clipped / step) * step
+
+
+WEIGHT_QUANTIZERS = ("lsq", "minmax")
+ACT_QUANTIZERS = ("lsq", "learned_range")
+
+
+def make_weight_quantizer(kind: str, bits: int, out_channels: int, per_channel: bool = False) -> nn.Module:
+    if kind == "lsq":
+        return LSQQuantizer(bits, signed=True, per_channel=per_channel, channels=out_channels)
+    if kind == "minmax":
+        return MinMaxWeightQuantizer(bits)
+    raise ValueError(f"unknown weight quantizer '{kind}'; choose one of {WEIGHT_QUANTIZERS}")
+
+
+def make_act_quantizer(kind: str, bits: int, init_range: float = 6.0) -> nn.Module:
+    if kind == "lsq":
+        return LSQQuantizer(bits, signed=None)
+    if kind == "learned_range":
+        return LearnedRangeActQuantizer(bits, init_range=init_range)
+    raise ValueError(f"unknown activation quantizer '{kind}'; choose one of {ACT_QUANTIZERS}")

@@ -1,0 +1,57 @@
+"""Figures people would rather look at than read: the per-layer bits of a policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from framework.policy import Policy
+
+
+def plot_policy(policy: Policy, path: str | Path) -> Path:
+    """A bar chart of weight and activation bits per layer (execution order); fixed layers hatched."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    names = list(policy.layers)
+    w = [policy.layers[n].w_bits for n in names]
+    a = [policy.layers[n].a_bits for n in names]
+    x = range(len(names))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 3.6), dpi=110)
+    bars_w = ax.bar([i - width / 2 for i in x], w, width, label="weights", color="#3b6ea5")
+    bars_a = ax.bar([i + width / 2 for i in x], a, width, label="activations", color="#e0913a")
+    for i, name in enumerate(names):
+        if policy.layers[name].fixed:
+            bars_w[i].set_hatch("//")
+            bars_a[i].set_hatch("//")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("bits")
+    shown = sorted({*w, *a})
+    ax.set_yticks(shown)
+    ax.set_ylim(0, max(shown) * 1.15)
+    cost = policy.cost.get("target") or next(iter(policy.cost.values()), None)
+    title = f"{policy.model} policy"
+    if cost is not None:
+        title += f"  ({cost.gbitops:.3f} GBitOps, {cost.size_mb:.3f} MB at {cost.input_size}px)"
+    ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#3b6ea5", label="weights"), Patch(color="#e0913a", label="activations")]
+    if any(layer.fixed for layer in policy.layers.values()):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="fixed layer"))
+    ax.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

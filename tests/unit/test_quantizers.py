@@ -1,0 +1,134 @@
+"""Quantizers against closed-form values (METHOD.md sec. 1), including LSQ's step-size gradient."""
+
+import math
+
+import pytest
+import torch
+
+from framework.quant.quantizers import (
+    LearnedRangeActQuantizer,
+    LSQQuantizer,
+    MinMaxWeightQuantizer,
+    round_ste,
+)
+
+
+def _lsq(bits, step, signed=True):
+    q = LSQQuantizer(bits, signed=signed)
+    with torch.no_grad():
+        q.step.fill_(step)
+    q.initialized.fill_(True)
+    return q
+
+
+def test_round_ste_passes_the_gradient_straight_through():
+    x = torch.tensor([0.2, 1.7, -2.5], requires_grad=True)
+    y = round_ste(x)
+    y.sum().backward()
+    assert torch.equal(y, torch.tensor([0.0, 2.0, -2.0]))
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_lsq_signed_forward_and_gradients_closed_form():
+    # 3 bits signed: Qn = -4, Qp = 3; s = 0.5; x/s = [-6, -1.48, 0.2, 0.52, 2.4, 10]
+    q = _lsq(3, 0.5)
+    x = torch.tensor([-3.0, -0.74, 0.1, 0.26, 1.2, 5.0], requires_grad=True)
+    y = q(x)
+    assert torch.allclose(y, torch.tensor([-2.0, -0.5, 0.0, 0.5, 1.0, 1.5]))
+    y.sum().backward()
+    # d q / d x: 1 inside the range, 0 where clipped
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+    # d q / d s: Qn below, round(x/s) - x/s inside, Qp above; times g = 1/sqrt(N * Qp)
+    per_element = [-4, -1 + 1.48, 0 - 0.2, 1 - 0.52, 2 - 2.4, 3]
+    expected = sum(per_element) / math.sqrt(6 * 3)
+    assert q.step.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lsq_unsigned_activation_range():
+    # 2 bits unsigned: Qn = 0, Qp = 3
+    q = _lsq(2, 1.0, signed=False)
+    x = torch.tensor([-1.0, 0.4, 0.6, 2.2, 7.0])
+    assert torch.equal(q(x), torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0]))
+
+
+def test_lsq_initialisation_per_tensor_and_per_channel():
+    w = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+    q = LSQQuantizer(4, signed=True)
+    q(w)
+    assert bool(q.initialized)
+    assert q.step.item() == pytest.approx(2 * w.abs().mean().item() / math.sqrt(7))
+    qc = LSQQuantizer(4, signed=True, per_channel=True, channels=2)
+    qc(w)
+    assert torch.allclose(qc.step, torch.tensor([2 * 2.0 / math.sqrt(7), 2 * 0.5 / math.sqrt(7)]))
+
+
+def test_lsq_per_channel_step_gradient_uses_elements_per_channel():
+    q = LSQQuantizer(2, signed=True, per_channel=True, channels=2)  # Qn=-2, Qp=1
+    with torch.no_grad():
+        q.step.copy_(torch.tensor([1.0, 2.0]))
+    q.initialized.fill_(True)
+    w = torch.tensor([[0.3, 5.0, -5.0], [1.0, 0.0, 0.4]])
+    q(w).sum().backward()
+    # channel 0: x/s = [0.3, 5, -5] -> [0 - 0.3, Qp=1, Qn=-2]; channel 1: x/s = [0.5, 0, 0.2] -> [0-0.5 (round half to even), 0, -0.2]
+    g = 1 / math.sqrt(3 * 1)
+    assert torch.allclose(q.step.grad, torch.tensor([(-0.3 + 1 - 2) * g, (-0.5 + 0 - 0.2) * g]), atol=1e-6)
+
+
+def test_activation_sign_is_decided_on_the_first_batch():
+    q = LSQQuantizer(4, signed=None)
+    q(torch.tensor([-1.0, 2.0]))
+    assert int(q.signed) == 1
+    q2 = LSQQuantizer(4, signed=None)
+    q2(torch.tensor([0.0, 2.0]))
+    assert int(q2.signed) == 0
+
+
+def test_minmax_weights_closed_form():
+    # 3 bits: Qp = 3, s = max|w| / 3 = 1/3
+    q = MinMaxWeightQuantizer(3)
+    w = torch.tensor([-1.0, 0.2, 0.49, 0.7], requires_grad=True)
+    y = q(w)
+    assert torch.allclose(y, torch.tensor([-1.0, 1 / 3, 1 / 3, 2 / 3]))
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.ones(4))
+
+
+def test_learned_range_forward_and_range_gradient_closed_form():
+    # 2 bits on [0, r], r = 1: s = 1/3
+    q = LearnedRangeActQuantizer(2, init_range=1.0, signed=False)
+    x = torch.tensor([-0.5, 0.1, 0.2, 0.5, 2.0])
+    y = q(x)
+    assert torch.allclose(y, torch.tensor([0.0, 0.0, 1 / 3, 2 / 3, 1.0]))
+    y.sum().backward()
+    # d q / d r: 0 below 0; (round(x/s) - x/s) / 3 inside; 1 where clipped at r
+    expected = 0 + (0 - 0.3) / 3 + (1 - 0.6) / 3 + (2 - 1.5) / 3 + 1
+    assert q.range.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_learned_range_signed_input_uses_a_symmetric_range():
+    q = LearnedRangeActQuantizer(3, init_range=1.0)  # sign from data: signed -> levels 3, s = 1/3
+    y = q(torch.tensor([-2.0, -0.5, 0.4]))
+    assert torch.allclose(y, torch.tensor([-1.0, -2 / 3, 1 / 3]))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LSQQuantizer(32, signed=True),
+        lambda: LSQQuantizer(32, signed=None),
+        lambda: MinMaxWeightQuantizer(32),
+        lambda: LearnedRangeActQuantizer(32),
+    ],
+)
+def test_32_bits_is_exactly_the_identity(make):
+    q = make()
+    x = torch.randn(4, 5, requires_grad=True)
+    y = q(x)
+    assert y is x
+    (y * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+
+
+def test_unsupported_bits_are_refused():
+    with pytest.raises(ValueError, match="unsupported bit-width 1"):
+        LSQQuantizer(1)
