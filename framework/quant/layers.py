@@ -44,6 +44,22 @@ class _QuantMixin:
         )
         self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.get("act_init_range", 6.0)))
         self.macs = 0.0
+        # SAQ (sharpness-aware quantization) hooks: a perturbation added *after* quantization, and the
+        # quantized weight of the last forward pass kept with its gradient (case 3 perturbs along it)
+        self.weight_eps: torch.Tensor | None = None
+        self.keep_quantized_weight = False
+        self.quantized_weight: torch.Tensor | None = None
+
+    def _quantized_weight(self) -> torch.Tensor:
+        w_q = self.weight_quant(self.weight)  # type: ignore[attr-defined]
+        if self.keep_quantized_weight:
+            if w_q is self.weight:  # 32 bits: Q is the identity, so grad w.r.t. Q(w) is the weight's grad
+                w_q = w_q.view_as(w_q)
+            w_q.retain_grad()
+            self.quantized_weight = w_q
+        if self.weight_eps is not None:
+            w_q = w_q + self.weight_eps
+        return w_q
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"  # type: ignore[misc]
@@ -63,7 +79,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         return layer.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(self.act_quant(x), self._quantized_weight(), self.bias)
 
 
 class QLinear(_QuantMixin, nn.Linear):
@@ -78,7 +94,7 @@ class QLinear(_QuantMixin, nn.Linear):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        return F.linear(self.act_quant(x), self._quantized_weight(), self.bias)
 
 
 class _SearchMixin:

@@ -1,0 +1,127 @@
+"""Sharpness rules: where the perturbation goes and which gradient drives the update.
+
+Every rule sees the first-pass gradient `g` of the perturbed tensors and returns their perturbation
+`eps`; after the second pass it turns `(g, g_p)` into the update direction.
+
+- **SAM** (Foret et al., ICLR 2021): `eps = rho * g / ||g||`; update along `g_p`.
+- **ASAM** (Kwon et al., ICML 2021): element-wise scale `T = |w| + eta`,
+  `eps = rho * T^2 g / ||T g||`; update along `g_p`.
+- **ASGA** (adaptive sharpness-aware gradient aligning, ICML 2025; the SAGM rule of Wang et al.,
+  CVPR 2023, with an adaptive radius, METHOD.md sec. 4)::
+
+      theta_hat = theta + (rho / ||g|| - a) * g        # perturb with the look-back a
+      direction = (g + g_p) / 2                         # implicit gradient alignment
+      h   = L(theta_hat) - L(theta)                     # surrogate gap
+      rho <- clip(ln(1 + max(EMA(h), 0)), rho_min, rho_max)
+
+  With `rho = 0` and `a = 0` the step is the base optimizer's step exactly.
+- **SAQ** (Liu et al., sharpness-aware quantization) is SAM whose weight perturbation is placed
+  relative to quantization: case 1 `L(Q(w) + eps(w))`, case 2 `L(Q(w + eps(w)))`, case 3
+  `L(Q(w) + eps(Q(w)))` (the default). The placement is the two-pass optimizer's job; the rule is SAM's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+def global_norm(tensors: Tensors) -> torch.Tensor:
+    return torch.norm(torch.stack([t.norm(2) for t in tensors])) if tensors else torch.tensor(0.0)
+
+
+@dataclass
+class SAM:
+    rho: float = 0.05
+    name: str = "sam"
+
+    def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
+        scale = self.rho / (float(global_norm(grads)) + 1e-12)
+        return [g * scale for g in grads]
+
+    def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
+        return g_p
+
+    def after_step(self, loss: float, loss_p: float) -> None:
+        pass
+
+    def state(self) -> dict[str, float]:
+        return {"rho": self.rho}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        self.rho = float(state.get("rho", self.rho))
+
+
+@dataclass
+class ASAM(SAM):
+    eta: float = 0.01
+    name: str = "asam"
+
+    def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
+        scales = [p.detach().abs() + self.eta for p in params]
+        norm = float(global_norm([t * g for t, g in zip(scales, grads, strict=True)])) + 1e-12
+        return [self.rho * t * t * g / norm for t, g in zip(scales, grads, strict=True)]
+
+
+@dataclass
+class ASGA(SAM):
+    lookback: float = 0.001  # a
+    rho_min: float = 0.01
+    rho_max: float = 0.3
+    ema_momentum: float = 0.9
+    adaptive: bool = True
+    name: str = "asga"
+    gap_ema: float | None = field(default=None)
+    last_gap: float = 0.0
+
+    def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
+        norm = float(global_norm(grads)) + 1e-12
+        coefficient = self.rho / norm - self.lookback
+        return [g * coefficient for g in grads]
+
+    def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
+        return (g + g_p) / 2
+
+    def after_step(self, loss: float, loss_p: float) -> None:
+        """Surrogate gap h = L(theta_hat) - L(theta), its EMA, and the new radius."""
+        self.last_gap = loss_p - loss
+        m = self.ema_momentum
+        self.gap_ema = self.last_gap if self.gap_ema is None else m * self.gap_ema + (1 - m) * self.last_gap
+        if self.adaptive:
+            self.rho = adaptive_radius(self.gap_ema, self.rho_min, self.rho_max)
+
+    def state(self) -> dict[str, float]:
+        return {"rho": self.rho, "gap_ema": self.gap_ema if self.gap_ema is not None else float("nan"), "gap": self.last_gap}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        self.rho = float(state.get("rho", self.rho))
+        ema = state.get("gap_ema")
+        self.gap_ema = None if ema is None or math.isnan(float(ema)) else float(ema)
+
+
+def adaptive_radius(gap_ema: float, rho_min: float, rho_max: float) -> float:
+    """rho = clip(ln(1 + max(EMA(h), 0)), rho_min, rho_max)   (ASGA's adaptive perturbation radius)."""
+    return float(min(max(math.log1p(max(gap_ema, 0.0)), rho_min), rho_max))
+
+
+RULES = {"sam": SAM, "asam": ASAM, "asga": ASGA, "saq": SAM}
+
+
+def build_rule(cfg) -> SAM:
+    """A rule from a config node: `name` (sam | asam | asga | saq) and its hyperparameters."""
+    name = str(cfg.get("name", "sam")).lower()
+    if name not in RULES:
+        raise ValueError(f"unknown sharpness rule '{name}'; choose one of {sorted(RULES)}")
+    if name == "asga":
+        return ASGA(
+            rho=float(cfg.get("rho", 0.05)), lookback=float(cfg.get("lookback", 0.001)),
+            rho_min=float(cfg.get("rho_min", 0.01)), rho_max=float(cfg.get("rho_max", 0.3)),
+            ema_momentum=float(cfg.get("ema_momentum", 0.9)), adaptive=bool(cfg.get("adaptive", True)),
+        )
+    if name == "asam":
+        return ASAM(rho=float(cfg.get("rho", 0.5)), eta=float(cfg.get("eta", 0.01)))
+    return SAM(rho=float(cfg.get("rho", 0.05)), name=name)
