@@ -21,12 +21,14 @@ from framework.data import build_dataset, build_loader
 from framework.errors import MPQError, StageNotAvailable
 from framework.models import create_model
 from framework.policy import Policy, policy_from_dict, validate_policy, write_policy
-from framework.quant.apply import Geometry, quantize_with_policy, resolve_policy
+from framework.quant.apply import Geometry, quant_meta, quantize_with_policy, resolve_policy
 from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result, write_result
+from framework.sharpness import TwoPassOptimizer, build_rule
 from framework.track import open_tracker
-from framework.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from framework.train.loop import evaluate, resolve_device, seed_everything, train_steps
+from framework.train.checkpoint import load_checkpoint, load_model_state
+from framework.train.engine import fit, schedule_length
+from framework.train.loop import evaluate, plain_step, resolve_device, seed_everything
 from framework.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -89,16 +91,12 @@ def run_pretrain(cfg: DictConfig) -> Result:
 
     model_meta = _model_meta(cfg, num_classes)
     model = _build_model(model_meta, cfg.model.get("weights")).to(device)
-    epochs = int(cfg.train.epochs)
-    total_steps = epochs * len(train_loader)
-    if cfg.train.get("max_steps"):
-        total_steps = min(total_steps, int(cfg.train.max_steps))
-    epochs = -(-total_steps // len(train_loader))
+    total_steps = schedule_length(train_loader, cfg.train.epochs, cfg.train.get("max_steps"))
     optimizer = build_optimizer(model, cfg.train.optim)
     scheduler = build_scheduler(optimizer, total_steps, cfg.train.optim)
 
     tracker = open_tracker(cfg, stage)
-    meta_base = {
+    meta = {
         "stage": stage,
         "model": model_meta,
         "data": {"name": str(cfg.data.name), "input_size": cfg.data.input_size, "channels": int(cfg.data.channels)},
@@ -106,55 +104,22 @@ def run_pretrain(cfg: DictConfig) -> Result:
         "code_version": __version__,
     }
     ckpt_dir = run_dir / "checkpoints"
-    val_every = max(1, int(cfg.train.get("val_every", 1)))
     log.info(
-        "pretrain %s on %s: %d train / %d test samples, %d steps (%d epochs), device %s",
-        model_meta["name"], cfg.data.name, len(train_set), len(test_set), total_steps, epochs, device,
+        "pretrain %s on %s: %d train / %d test samples, %d steps, device %s",
+        model_meta["name"], cfg.data.name, len(train_set), len(test_set), total_steps, device,
     )
     started = time.time()
-    step = 0
-    best: dict[str, Any] = {"top1": -1.0}
-    val: dict[str, Any] = {}
-    history = []
     try:
-        for epoch in range(1, epochs + 1):
-
-            def on_step(i: int, loss: float, acc: float, _base=step) -> None:
-                if (i + _base) % 10 == 0:
-                    tracker.track("loss", loss, step=_base + i, subset="train")
-                    tracker.track("top1", acc, step=_base + i, subset="train")
-                    tracker.track("lr", optimizer.param_groups[0]["lr"], step=_base + i, subset="train")
-
-            stats = train_steps(
-                model, train_loader, optimizer, scheduler, device, total_steps - step, on_step,
-                desc=f"epoch {epoch}/{epochs}",
-            )
-            step += int(stats["steps"])
-            last_epoch = epoch == epochs or step >= total_steps
-            entry = {"epoch": epoch, "step": step, "train_loss": stats["loss"], "train_top1": stats["top1"]}
-            if epoch % val_every == 0 or last_epoch:
-                val = evaluate(model, test_loader, device, desc="validate")
-                tracker.track("loss", val["loss"], step=step, subset="val")
-                tracker.track("top1", val["top1"], step=step, subset="val")
-                entry.update(val_loss=val["loss"], val_top1=val["top1"])
-                meta = {**meta_base, "epoch": epoch, "step": step, "metrics": {"top1": val["top1"], "loss": val["loss"]}}
-                if val["top1"] > best["top1"]:
-                    best = {"top1": val["top1"], "epoch": epoch, "step": step}
-                    save_checkpoint(ckpt_dir / "best", model, meta)
-            else:
-                meta = {**meta_base, "epoch": epoch, "step": step, "metrics": {}}
-            save_checkpoint(
-                ckpt_dir / "last",
-                model,
-                meta,
-                training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            )
-            history.append(entry)
-            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()})
-            if step >= total_steps:
-                break
+        fitted = fit(
+            model, train_loader, test_loader, plain_step(model, optimizer, scheduler), device, total_steps, tracker,
+            ckpt_dir, meta, val_every=int(cfg.train.get("val_every", 1)),
+            training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            on_step=lambda step, loss, acc, info: tracker.track("lr", optimizer.param_groups[0]["lr"], step=step, subset="train")
+            if step % 10 == 0 else None,
+        )
     finally:
         tracker.close()
+    val, best, history, step = fitted.final, fitted.best, fitted.history, fitted.steps
     elapsed = time.time() - started
     metrics = {
         "top1": val["top1"],
@@ -341,6 +306,105 @@ def format_cost_table(policy: Policy, layers: list, input_size: int, in_channels
     return "\n".join(lines)
 
 
+def run_finetune(cfg: DictConfig) -> Result:
+    """Quantization-aware fine-tuning of the target model under `cfg.policy` from `cfg.init_checkpoint`.
+
+    The policy (a `policy.json` or `uniform:W/A`) is validated against the model; LSQ quantizers
+    (`cfg.quant`) are initialised on one training batch; SGD/AdamW with a cosine schedule, or a
+    two-pass rule (`finetune.sharpness`: SAQ cases 1-3, SAM, ASAM, ASGA; `period` k for the periodic
+    variant). Checkpoints record the policy and quantizer state, so `mpq evaluate` rebuilds the model.
+    `metrics`: top-1 on the target's test split, BitOps and size at the target input size.
+    """
+    stage = "finetune"
+    fcfg = cfg.finetune
+    if not cfg.get("init_checkpoint"):
+        raise MPQError("finetune needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
+    if not cfg.get("policy"):
+        raise MPQError("finetune needs policy=<policy.json from mpq search> or policy=uniform:W/A")
+    run_dir = _run_dir(cfg, stage)
+    _set_threads(cfg)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.get("device", "auto"))
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    if ckpt.meta.get("quant"):
+        raise MPQError(f"init_checkpoint {ckpt.path} is already quantized; fine-tune from the full-precision checkpoint")
+    model_meta = ckpt.meta["model"]
+    geometry = _checkpoint_geometry(ckpt, cfg)
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.input_size, data_cfg.channels = geometry.input_size, geometry.in_channels
+    train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
+    if train_set.mpq_info["num_classes"] != model_meta["num_classes"]:
+        raise MPQError(f"checkpoint {ckpt.path} predicts {model_meta['num_classes']} classes but data '{cfg.data.name}' "
+                       f"has {train_set.mpq_info['num_classes']}; fine-tune on the target it was trained on")
+    train_loader = build_loader(train_set, int(fcfg.batch_size), True, data_cfg, seed=int(cfg.seed))
+    test_loader = build_loader(test_set, cfg.train.eval_batch_size, False, data_cfg)
+
+    policy, layers = resolve_policy(str(cfg.policy), model_meta["name"], lambda: _build_model(model_meta), geometry, cfg.quant)
+    model = _build_model(model_meta)
+    load_model_state(model, ckpt)
+    quantize_with_policy(model, policy, cfg.quant, layers)
+    model.to(device)
+    calibrate(model, train_loader, device, int(cfg.quant.get("calibration_batches", 1)))
+
+    total_steps = schedule_length(train_loader, int(fcfg.epochs), fcfg.get("max_steps"))
+    optimizer = build_optimizer(model, fcfg.optim)
+    scheduler = build_scheduler(optimizer, total_steps, fcfg.optim)
+    sharp = fcfg.sharpness
+    rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
+    saq_case = int(sharp.get("saq_case", 3)) if str(sharp.get("name")) == "saq" else None
+    two_pass = TwoPassOptimizer(model, [optimizer], rule, period=int(sharp.get("period", 1) or 1), saq_case=saq_case)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step_fn(images, labels):
+        outputs = []
+
+        def closure():
+            out = model(images)
+            outputs.append(out.detach())
+            loss = criterion(out, labels)
+            loss.backward()
+            return loss
+
+        info = two_pass.step(closure)
+        scheduler.step()
+        return torch.tensor(info["loss"]), outputs[0], info
+
+    q_meta = quant_meta(policy, cfg.quant)
+    meta = {"stage": stage, "model": model_meta, "data": {"name": str(cfg.data.name), "input_size": geometry.input_size,
+            "channels": geometry.in_channels}, "quant": q_meta, "init_checkpoint": str(ckpt.path), "code_version": __version__}
+    tracker = open_tracker(cfg, stage)
+    artifacts = write_policy(policy, run_dir / "policy.json")
+    log.info("finetune %s on %s under %s: %.4f GBitOps, %d steps, sharpness %s",
+             model_meta["name"], cfg.data.name, cfg.policy, policy.cost["target"].gbitops, total_steps, sharp.get("name"))
+    started = time.time()
+    try:
+        tracker.track_image("policy", artifacts["policy_plot"], step=0, subset="train")
+        fitted = fit(model, train_loader, test_loader, step_fn, device, total_steps, tracker, run_dir / "checkpoints", meta,
+                     val_every=int(fcfg.get("val_every", 1)),
+                     training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                             "two_pass": two_pass.state_dict()})
+    finally:
+        tracker.close()
+    cost = policy.cost["target"]
+    metrics = {"top1": fitted.final["top1"], "loss": fitted.final["loss"], "best_top1": fitted.best["top1"],
+               "bitops": cost.bitops, "gbitops": cost.gbitops, "size_mb": cost.size_mb, "input_size": geometry.input_size,
+               **{f"avg_{k}": v for k, v in policy.average_bits().items()}, "steps": fitted.steps,
+               "seconds": round(time.time() - started, 2)}
+    artifacts.update(checkpoint=str(run_dir / "checkpoints" / "last"), best_checkpoint=str(run_dir / "checkpoints" / "best"))
+    result = Result(stage, metrics=metrics, artifacts=artifacts,
+                    extra={"history": fitted.history, "data": train_set.mpq_info, "tracking": tracker.info(), "world_size": 1})
+    write_result(run_dir, result, cfg)
+    return result
+
+
+def run_search(cfg: DictConfig) -> Result:
+    """Search a mixed-precision policy on the proxy data (framework.search.loop.run_search)."""
+    from framework.search.loop import run_search as search
+
+    return search(cfg)
+
+
 def _not_available(stage: str):
     def run(cfg: DictConfig) -> Result:
         raise StageNotAvailable(stage)
@@ -350,9 +414,7 @@ def _not_available(stage: str):
     return run
 
 
-run_search = _not_available("search")
 run_sweep = _not_available("sweep")
-run_finetune = _not_available("finetune")
 run_export = _not_available("export")
 
 
@@ -365,52 +427,89 @@ def _sub_config(cfg: DictConfig, run_dir: Path, **updates: Any) -> DictConfig:
     return sub
 
 
-#: the stages `pipeline` chains, in order; later stages are added here as they are built
-PIPELINE_STAGES = ("pretrain", "evaluate")
+#: the stages `pipeline` chains, in order
+PIPELINE_STAGES = ("pretrain", "search", "finetune", "evaluate")
 
 
 def run_pipeline(cfg: DictConfig) -> Result:
-    """The stages that exist, in order, each in its own sub-folder; then one summary table.
+    """The default run, each stage in its own sub-folder, then one summary table.
 
-    pretrain (full precision, target data) -> evaluate (its final checkpoint).
+    pretrain (full precision, target data) -> search (policy on the proxy data, from the pretrained
+    checkpoint) -> finetune (the target model under the searched policy) -> evaluate (the quantized
+    checkpoint). `pipeline.policy=uniform:W/A` (or a policy file) skips the search and fine-tunes
+    that policy instead, for baselines.
     """
     stage = "pipeline"
     run_dir = _run_dir(cfg, stage)
     rows: list[dict[str, Any]] = []
     artifacts: dict[str, str] = {}
 
-    started = time.time()
-    pre = run_pretrain(_sub_config(cfg, run_dir / "pretrain"))
-    rows.append({"stage": "pretrain", "top1": pre.metrics["top1"], "seconds": time.time() - started})
-    artifacts["checkpoint"] = pre.artifacts["checkpoint"]
+    def timed(name: str, fn, sub_cfg) -> Result:
+        started = time.time()
+        result = fn(sub_cfg)
+        rows.append({"stage": name, "seconds": time.time() - started, "metrics": result.metrics})
+        return result
 
-    started = time.time()
-    ev = run_evaluate(_sub_config(cfg, run_dir / "evaluate", checkpoint=pre.artifacts["checkpoint"]))
-    rows.append({"stage": "evaluate", "top1": ev.metrics["top1"], "seconds": time.time() - started})
+    pre = timed("pretrain", run_pretrain, _sub_config(cfg, run_dir / "pretrain"))
+    fp_checkpoint = pre.artifacts["checkpoint"]
+    fixed_policy = OmegaConf.select(cfg, "pipeline.policy")
+    if fixed_policy:
+        policy_path = str(fixed_policy)
+    else:
+        found = timed("search", run_search, _sub_config(cfg, run_dir / "search", init_checkpoint=fp_checkpoint))
+        policy_path = found.artifacts["policy"]
+        artifacts["policy"] = policy_path
+    fine = timed("finetune", run_finetune,
+                 _sub_config(cfg, run_dir / "finetune", init_checkpoint=fp_checkpoint, policy=policy_path))
+    ev = timed("evaluate", run_evaluate, _sub_config(cfg, run_dir / "evaluate", checkpoint=fine.artifacts["checkpoint"]))
+    artifacts.update(fp_checkpoint=fp_checkpoint, checkpoint=fine.artifacts["checkpoint"])
 
-    total = sum(r["seconds"] for r in rows)
     metrics = {
-        "fp_top1": ev.metrics["top1"],
-        "seconds": round(total, 2),
+        "fp_top1": pre.metrics["top1"],
+        "top1": ev.metrics["top1"],
+        "gbitops": ev.metrics["gbitops"],
+        "size_mb": ev.metrics["size_mb"],
+        "avg_w_bits": ev.metrics.get("avg_w_bits"),
+        "avg_a_bits": ev.metrics.get("avg_a_bits"),
+        "seconds": round(sum(r["seconds"] for r in rows), 2),
         "stage_seconds": {r["stage"]: round(r["seconds"], 2) for r in rows},
     }
-    result = Result(stage, metrics=metrics, artifacts=artifacts, extra={"stages": rows, "run_dir": str(run_dir)})
+    if "search" in metrics["stage_seconds"]:
+        metrics["proxy_top1"] = rows[1]["metrics"].get("proxy_top1")
+    result = Result(stage, metrics=metrics, artifacts=artifacts,
+                    extra={"stages": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "run_dir": str(run_dir)})
     write_result(run_dir, result, cfg)
-    print(format_summary(cfg, rows, run_dir))
+    print(format_summary(cfg, metrics, rows, run_dir))
     return result
 
 
-def format_summary(cfg: DictConfig, rows: list[dict[str, Any]], run_dir: Path) -> str:
+def _stage_note(stage: str, m: dict[str, Any]) -> str:
+    if stage == "search":
+        repaired = " (repaired to budget)" if m.get("repair_applied") else ""
+        return f"proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps{repaired}"
+    if stage == "evaluate":
+        return f"top-1 {100 * m['top1']:.2f} % on {m['samples']} test images"
+    return f"top-1 {100 * m['top1']:.2f} % ({m['steps']} steps)"
+
+
+def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> str:
     """The table `mpq pipeline` prints at the end."""
+    method = "fixed policy" if "search" not in metrics["stage_seconds"] else str(cfg.search.method)
     lines = [
         "",
-        f"mpq pipeline summary  (model {cfg.model.name}, target {cfg.data.name})",
-        f"{'stage':<12}{'top-1 (%)':>12}{'time (s)':>12}",
-        "-" * 36,
+        f"mpq pipeline summary: {cfg.model.name} on {cfg.data.name}, policy searched on {cfg.proxy.name} ({method})",
+        f"  full-precision top-1   {100 * metrics['fp_top1']:6.2f} %",
+        f"  policy                 W {metrics['avg_w_bits']:.2f} / A {metrics['avg_a_bits']:.2f} bits on average "
+        f"(searched layers, MAC-weighted), {metrics['gbitops']:.4f} GBitOps, {metrics['size_mb']:.4f} MB",
+        f"  quantized top-1        {100 * metrics['top1']:6.2f} %",
+        "",
+        f"  {'stage':<10}{'time (s)':>10}   result",
     ]
     for row in rows:
-        lines.append(f"{row['stage']:<12}{100 * row['top1']:>12.2f}{row['seconds']:>12.1f}")
-    lines.append("-" * 36)
-    lines.append(f"{'total':<12}{'':>12}{sum(r['seconds'] for r in rows):>12.1f}")
-    lines.append(f"outputs: {run_dir}  (result.json, pretrain/checkpoints/)")
+        note = _stage_note(row["stage"], row["metrics"])
+        lines.append(f"  {row['stage']:<10}{row['seconds']:>10.1f}   {note}")
+    lines.append(f"  {'total':<10}{sum(r['seconds'] for r in rows):>10.1f}")
+    lines.append(f"outputs: {run_dir}  (result.json; pretrain/, search/policy.json, finetune/checkpoints/)")
     return "\n".join(lines)
+
+

@@ -17,7 +17,8 @@ SAQ placement for the weights of fixed-precision layers (`saq_case`):
 3. `L(Q(w) + eps(Q(w)))`: eps from the gradient w.r.t. the quantized weights (kept from pass 1),
    added after quantization. Searchable layers always use case 2.
 
-`period=k` runs the full two-pass step every k-th step and a plain step (one pass) in between.
+`period=k` runs the full two-pass step every k-th step and a plain step (one pass) in between;
+`rule=None` makes every step a plain step, so one training loop serves every optimizer.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class TwoPassOptimizer:
         self,
         model: nn.Module,
         optimizers: Iterable[torch.optim.Optimizer],
-        rule: SAM,
+        rule: SAM | None,
         period: int = 1,
         saq_case: int | None = None,
     ):
@@ -89,11 +90,17 @@ class TwoPassOptimizer:
                     bn.num_batches_tracked.copy_(tracked)
 
     def is_two_pass_step(self) -> bool:
-        return self.step_count % self.period == 0
+        return self.rule is not None and self.step_count % self.period == 0
 
     # -- the step ------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor]) -> dict[str, float]:
-        """One optimizer step; `closure()` computes the loss, calls backward and returns the loss."""
+    def step(
+        self, closure: Callable[[], torch.Tensor], before_update: Callable[[], None] | None = None
+    ) -> dict[str, float]:
+        """One optimizer step; `closure()` computes the loss, calls backward and returns the loss.
+
+        `before_update()` runs after the update direction is in `.grad` and before the base step:
+        the search adds the complexity gradient of the logits there, outside the two passes.
+        """
         two_pass = self.is_two_pass_step()
         self.step_count += 1
         for layer in self.post_quant_layers.values():
@@ -102,6 +109,8 @@ class TwoPassOptimizer:
         loss = closure()
         info = {"loss": float(loss.detach())}
         if not two_pass:
+            if before_update is not None:
+                before_update()
             for opt in self.optimizers:
                 opt.step()
             return info
@@ -153,14 +162,17 @@ class TwoPassOptimizer:
                 g_p = torch.zeros_like(p) if g_p is None else g_p
                 p.grad = self.rule.direction(g, g_p)
         self.rule.after_step(info["loss"], float(loss_p.detach()))
+        if before_update is not None:
+            before_update()
         for opt in self.optimizers:
             opt.step()
         info.update(loss_perturbed=float(loss_p.detach()), **self.rule.state())
         return info
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "rule": self.rule.state()}
+        return {"step_count": self.step_count, "rule": self.rule.state() if self.rule is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
-        self.rule.load_state(state["rule"])
+        if self.rule is not None:
+            self.rule.load_state(state["rule"])

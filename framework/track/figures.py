@@ -55,3 +55,36 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_bit_probabilities(
+    probs: dict[str, dict[str, list[float]]], candidates: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], path: str | Path
+) -> Path:
+    """Heat-maps of the searched layers' bit-width probabilities (softmax of the logits)."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(probs)
+    fig, axes = plt.subplots(1, 2, figsize=(8, max(3.0, 0.25 * len(names) + 1.2)), dpi=110, sharey=True)
+    for ax, side, title in ((axes[0], "w", "weights"), (axes[1], "a", "activations")):
+        grid = np.array([probs[n][side] for n in names])
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        bits = candidates[names[0]][0 if side == "w" else 1]
+        ax.set_xticks(range(len(bits)))
+        ax.set_xticklabels([str(b) for b in bits])
+        ax.set_xlabel("bits")
+        ax.set_title(f"P(bits) {title}", fontsize=9)
+    axes[0].set_yticks(range(len(names)))
+    axes[0].set_yticklabels(names, fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

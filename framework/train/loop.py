@@ -26,23 +26,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> StepFn:
+    """One cross-entropy step: forward, backward, optimizer, scheduler."""
+    criterion = nn.CrossEntropyLoss()
+
+    def step(images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.detach(), logits.detach(), {}
+
+    return step
+
+
 def train_steps(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    step_fn: StepFn,
     device: torch.device,
     max_steps: int,
-    on_step: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int, float, float, dict], None] | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
-    """Run at most `max_steps` optimizer steps over one pass of `loader`.
+    """Run at most `max_steps` steps of `step_fn(images, labels) -> (loss, logits, info)` over one
+    pass of `loader`, with a progress bar.
 
-    Returns the mean loss and top-1 over the steps taken and their count; `on_step(i, loss, acc)` is
-    called after each step (for tracking).
+    Returns the mean loss and top-1 over the steps taken and their count; `on_step(i, loss, acc,
+    info)` is called after each step (for tracking).
     """
     model.train()
-    criterion = nn.CrossEntropyLoss()
     total_loss = total_correct = total_seen = 0.0
     steps = 0
     bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True)
@@ -50,21 +68,16 @@ def train_steps(
         if steps >= max_steps:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loss, logits, info = step_fn(images, labels)
         steps += 1
-        batch_loss = loss.item()
+        batch_loss = float(loss)
         batch_acc = (logits.argmax(1) == labels).float().mean().item()
         total_loss += batch_loss * len(labels)
         total_correct += batch_acc * len(labels)
         total_seen += len(labels)
         bar.set_postfix(loss=f"{batch_loss:.3f}", acc=f"{batch_acc:.3f}", refresh=False)
         if on_step is not None:
-            on_step(steps, batch_loss, batch_acc)
+            on_step(steps, batch_loss, batch_acc, info)
     bar.close()
     seen = max(total_seen, 1.0)
     return {"loss": total_loss / seen, "top1": total_correct / seen, "steps": steps}

@@ -81,8 +81,8 @@ def test_invalid_value(tmp_path):
 
 
 def test_stage_not_built_yet_fails_loudly(tmp_path):
-    proc = run_mpq("search", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
-    _assert_one_clear_line(proc, "'search' is not available yet")
+    proc = run_mpq("sweep", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "'sweep' is not available yet")
     assert read_json(tmp_path / "result.json")["status"] == "error"
 
 
@@ -91,15 +91,24 @@ def test_unknown_stage():
     _assert_one_clear_line(proc, "unknown stage 'train'", "pretrain")
 
 
-def test_pipeline_runs_the_existing_stages_and_prints_a_summary(tmp_path):
+def test_pipeline_runs_every_stage_and_prints_a_summary(tmp_path):
     proc = run_mpq("pipeline", "experiment=smoke", f"hydra.run.dir={tmp_path}", f"tracking.repo={tmp_path / 'aim'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "mpq pipeline summary" in proc.stdout
     result = read_json(tmp_path / "result.json")
     assert result["status"] == "ok"
-    assert [row["stage"] for row in result["stages"]] == ["pretrain", "evaluate"]
-    assert read_json(tmp_path / "pretrain" / "result.json")["metrics"]["steps"] == 20
-    assert read_json(tmp_path / "evaluate" / "result.json")["metrics"]["top1"] == result["metrics"]["fp_top1"]
+    assert [row["stage"] for row in result["stages"]] == ["pretrain", "search", "finetune", "evaluate"]
+    stages = {name: read_json(tmp_path / name / "result.json") for name in ("pretrain", "search", "finetune", "evaluate")}
+    assert stages["pretrain"]["metrics"]["steps"] == 20
+    assert stages["search"]["metrics"]["steps"] == 6 and stages["finetune"]["metrics"]["steps"] == 6
+    # the fine-tuned model is the searched policy, and evaluate scores the fine-tuned checkpoint
+    assert stages["finetune"]["artifacts"]["policy"] != stages["search"]["artifacts"]["policy"]
+    assert read_json(Path(stages["finetune"]["artifacts"]["policy"]))["layers"] == read_json(
+        Path(stages["search"]["artifacts"]["policy"]))["layers"]
+    assert stages["evaluate"]["metrics"]["top1"] == result["metrics"]["top1"] == stages["finetune"]["metrics"]["top1"]
+    assert result["metrics"]["fp_top1"] == stages["pretrain"]["metrics"]["top1"]
+    assert result["metrics"]["gbitops"] == pytest.approx(stages["search"]["metrics"]["gbitops"])
+    for line in ("mpq pipeline summary", "full-precision top-1", "quantized top-1", "GBitOps", "search", "finetune"):
+        assert line in proc.stdout
 
 
 def test_readme_names_the_two_commands():

@@ -38,9 +38,7 @@ def test_radius_zero_equals_the_base_optimizer_exactly(rule):
     model = create_model("resnet8", num_classes=10, in_channels=1)
     reference = copy.deepcopy(model)
     x, y = _batch()
-    for _ in range(3):
-        base = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-        break
+    base = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     two_pass = TwoPassOptimizer(model, [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)], rule)
     for _ in range(3):
         base.zero_grad()

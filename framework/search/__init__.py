@@ -1,0 +1,1 @@
+"""The proxy search: objectives, the search loop, and the policy it derives."""

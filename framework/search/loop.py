@@ -1,0 +1,290 @@
+"""The proxy search (`mpq search`): a supernet of the target model trained on the proxy data.
+
+1. Start from the full-precision checkpoint of the target model (`init_checkpoint`) with a fresh
+   classifier head for the proxy's classes [decided, METHOD.md sec. 4].
+2. Convert it to a supernet (`search.quant`: min-max weights, learned-range activations, candidate
+   bits per layer; first conv and last linear fixed). Each layer's MACs are measured at the
+   *target* resolution, so the complexity term and the budget speak of the BitOps that will be
+   deployed; the policy also records its cost at the proxy resolution.
+3. Train weights and logits together on the same proxy batches (single-level, as EdMIPS/GMPQ):
+   the task loss (CE, plus SEAM's margin term for `seam`) through the two-pass optimizer of the
+   method's sharpness rule (none for `dnas`/`seam`, ASGA for `asga`/`seam_asga`), the complexity
+   penalty's gradient added to the logits outside the two passes.
+4. Derive the policy by argmax of the logits, repair it to the budget if asked, and write
+   `policy.json` with its provenance and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from framework import __version__
+from framework.data import build_dataset, build_loader
+from framework.errors import MPQError
+from framework.models import create_model
+from framework.policy import Budget, cost_at, derive_bits, make_policy, repair, uniform_bits, write_policy
+from framework.quant import (
+    SearchConv2d,
+    SearchLinear,
+    build_supernet,
+    complexity_penalty,
+    expected_bitops,
+    fixed_layer_names,
+    float_parameter_count,
+    trace_layers,
+)
+from framework.results import Result, write_result
+from framework.search.objectives import CenterMarginLoss, PenultimateFeatures
+from framework.sharpness import TwoPassOptimizer, build_rule
+from framework.track import open_tracker
+from framework.track.figures import plot_bit_probabilities
+from framework.train.checkpoint import load_checkpoint, load_model_state
+from framework.train.engine import fit, schedule_length
+from framework.train.loop import resolve_device, seed_everything
+from framework.train.optim import cosine_with_warmup
+
+log = logging.getLogger(__name__)
+
+LOGITS = ("alpha_w", "alpha_a")
+
+
+def _fresh_head(model: nn.Module, num_classes: int) -> None:
+    """Replace the last linear layer by a freshly initialised one with `num_classes` outputs."""
+    name, last = None, None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name, last = module_name, module
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+
+
+def budget_bitops(scfg, layers, fixed, fixed_bits) -> float | None:
+    """`search.budget_bitops` (absolute, target resolution) or the cost of uniform
+    `search.budget_uniform_bits` W/A bits (fixed layers at their bits); None: no budget."""
+    if scfg.get("budget_bitops"):
+        return float(scfg.budget_bitops)
+    bits = scfg.get("budget_uniform_bits")
+    if bits:
+        uniform = uniform_bits(layers, int(bits), int(bits), fixed, fixed_bits)
+        return float(sum(layer.macs * uniform[layer.name][0] * uniform[layer.name][1] for layer in layers))
+    return None
+
+
+class SearchStep:
+    """One search step on a proxy batch: the task loss through the method's two-pass optimizer
+    (weights and logits together), the complexity gradient added to the logits outside the two
+    passes, then the weights' cosine schedule. Call it as `step(images, labels)`.
+    """
+
+    def __init__(self, model: nn.Module, scfg, num_classes: int, penalty_mode: str, reference: float, device):
+        self.model = model
+        self.lambda_c = float(scfg.complexity.weight)
+        self.penalty_mode, self.reference = penalty_mode, float(reference)
+        self.logits = [p for n, p in model.named_parameters() if n.endswith(LOGITS)]
+        weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
+        self.opt_w = torch.optim.SGD(weights, lr=float(scfg.lr_weights), momentum=float(scfg.momentum),
+                                     weight_decay=float(scfg.weight_decay))
+        self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
+                                     weight_decay=float(scfg.get("logit_weight_decay", 0.0)))
+        self.scheduler = None
+        sharp = scfg.sharpness
+        self.rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
+        self.two_pass = TwoPassOptimizer(model, [self.opt_w, self.opt_a], self.rule, period=int(sharp.get("period", 1) or 1))
+        self.margin_weight = float(scfg.margin.weight)
+        self.features = PenultimateFeatures(model) if self.margin_weight > 0 else None
+        self.margin_loss = None
+        if self.features is not None:
+            dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
+            self.margin_loss = CenterMarginLoss(num_classes, dim, float(scfg.margin.margin), float(scfg.margin.momentum)).to(device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.last_terms: dict[str, float] = {}
+
+    def schedule(self, total_steps: int) -> None:
+        """Cosine decay of the weights' learning rate over `total_steps` (the logits keep theirs)."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_w, lambda s: cosine_with_warmup(s, total_steps, 0, 0.0))
+
+    def _add_complexity_gradient(self) -> None:
+        expected = expected_bitops(self.model)
+        penalty = self.lambda_c * complexity_penalty(expected, self.penalty_mode, self.reference)
+        if penalty.requires_grad:
+            grads = torch.autograd.grad(penalty, self.logits, allow_unused=True)
+            for p, g in zip(self.logits, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        self.last_terms["complexity"] = float(penalty.detach())
+        self.last_terms["expected_gbitops"] = float(expected.detach()) / 1e9
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        outputs: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            out = self.model(images)
+            outputs.append(out.detach())
+            loss = self.criterion(out, labels)
+            self.last_terms["ce"] = float(loss.detach())
+            if self.margin_loss is not None:
+                margin = self.margin_loss(self.features.features, labels)
+                self.last_terms["margin"] = float(margin.detach())
+                loss = loss + self.margin_weight * margin
+            loss.backward()
+            return loss
+
+        info = self.two_pass.step(closure, before_update=self._add_complexity_gradient)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.rule is not None and "rho" in info:
+            info["gap"] = getattr(self.rule, "last_gap", info.get("loss_perturbed", 0.0) - info["loss"])
+        return torch.tensor(info["loss"]), outputs[0], {**info, **self.last_terms}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict()}
+
+    def close(self) -> None:
+        if self.features is not None:
+            self.features.remove()
+
+
+def run_search(cfg: DictConfig) -> Result:
+    """Search a mixed-precision policy on the proxy data; writes policy.json, its plots and result.json."""
+    from framework.pipeline import _run_dir, _set_threads
+
+    stage = "search"
+    scfg = cfg.search
+    if not cfg.get("init_checkpoint"):
+        raise MPQError("search needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
+    run_dir = _run_dir(cfg, stage)
+    _set_threads(cfg)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.get("device", "auto"))
+
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    if ckpt.meta.get("quant"):
+        raise MPQError(f"init_checkpoint {ckpt.path} is quantized; the search starts from a full-precision checkpoint")
+    model_meta = dict(ckpt.meta["model"])
+    target = ckpt.meta.get("data", {})
+    target_size, channels = int(target.get("input_size") or 28), int(target.get("channels") or model_meta["in_channels"])
+
+    proxy_cfg = cfg.proxy.copy()
+    with open_dict(proxy_cfg):
+        proxy_cfg.channels = channels  # the proxy is fed to the target model
+        proxy_cfg.input_size = proxy_cfg.get("input_size") or target_size
+    proxy_train = build_dataset(proxy_cfg, "train")
+    proxy_val = build_dataset(proxy_cfg, "test")
+    proxy_classes = proxy_train.mpq_info["num_classes"]
+    batch_size = int(scfg.get("batch_size") or cfg.train.batch_size)
+    train_loader = build_loader(proxy_train, batch_size, True, proxy_cfg, seed=int(cfg.seed))
+    val_loader = build_loader(proxy_val, cfg.train.eval_batch_size, False, proxy_cfg)
+    if len(train_loader) == 0:
+        raise MPQError(f"the proxy set has {len(proxy_train)} samples, fewer than one batch; raise proxy.fraction")
+
+    model = create_model(model_meta["name"], num_classes=model_meta["num_classes"], in_channels=channels,
+                         **model_meta.get("options", {}))
+    load_model_state(model, ckpt)
+    _fresh_head(model, proxy_classes)
+    search_meta = {**model_meta, "num_classes": proxy_classes}
+
+    layers = trace_layers(model, target_size, channels)  # MACs at the target resolution
+    proxy_layers = trace_layers(model, int(proxy_cfg.input_size), channels)
+    total_params = float_parameter_count(model)
+    qcfg = scfg.quant
+    fixed_bits = None if qcfg.get("fixed_bits") in (None, "searched") else int(qcfg.fixed_bits)
+    fixed = fixed_layer_names(layers, fixed_bits)
+    build_supernet(model, layers, qcfg)
+    model.to(device)
+
+    budget = budget_bitops(scfg, layers, fixed, fixed_bits)
+    penalty_mode = str(scfg.complexity.penalty)
+    if penalty_mode == "hinge" and budget is None:
+        raise MPQError("search.complexity.penalty=hinge needs a budget: set search.budget_bitops or search.budget_uniform_bits")
+    reference = budget if penalty_mode == "hinge" else float(
+        sum(layer.macs * max(qcfg.candidates_w) * max(qcfg.candidates_a) for layer in layers)
+    )
+    searcher = SearchStep(model, scfg, proxy_classes, penalty_mode, reference, device)
+    total_steps = schedule_length(train_loader, int(scfg.epochs), scfg.get("max_steps"))
+    searcher.schedule(total_steps)
+    rule, last_terms = searcher.rule, searcher.last_terms
+
+    candidates = {n: (m.w_candidates, m.a_candidates) for n, m in model.named_modules()
+                  if isinstance(m, (SearchConv2d, SearchLinear))}
+    tracker = open_tracker(cfg, stage)
+
+    def on_epoch_end(epoch: int, entry: dict[str, Any]) -> None:
+        entry.update(expected_gbitops=float(expected_bitops(model).detach()) / 1e9, **{
+            k: v for k, v in last_terms.items() if k != "expected_gbitops"})
+        if rule is not None:
+            entry["rho"] = rule.rho
+        _, probs = derive_bits(model)
+        figure = plot_bit_probabilities(probs, candidates, run_dir / "figures" / f"bit_probabilities_epoch{epoch}.png")
+        tracker.track_image("bit_probabilities", str(figure), step=epoch, subset="proxy")
+
+    meta = {"stage": stage, "model": search_meta, "data": {"name": str(proxy_cfg.name), "input_size": int(proxy_cfg.input_size),
+            "channels": channels}, "search": True, "code_version": __version__}
+    log.info("search %s (%s) on %s: %d proxy samples, %d steps, budget %s GBitOps",
+             model_meta["name"], scfg.method, proxy_cfg.name, len(proxy_train), total_steps,
+             f"{budget / 1e9:.4f}" if budget else "none")
+    started = time.time()
+    try:
+        fitted = fit(
+            model, train_loader, val_loader, searcher, device, total_steps, tracker, run_dir / "checkpoints", meta,
+            val_every=1, val_subset="proxy", on_epoch_end=on_epoch_end,
+            training_state=searcher.state_dict,
+        )
+        bits, probs = derive_bits(model)
+        repair_record: dict[str, Any] = {"applied": False}
+        if budget is not None and scfg.get("repair", True):
+            bits, repair_record = repair(layers, bits, probs, candidates, budget)
+        proxy_cost = cost_at(proxy_layers, bits, total_params, int(proxy_cfg.input_size), channels)
+        target_cost = cost_at(layers, bits, total_params, target_size, channels)
+        provenance = {
+            "method": str(scfg.method),
+            "hyperparameters": OmegaConf.to_container(scfg, resolve=True),
+            "proxy": {k: proxy_train.mpq_info.get(k) for k in ("dataset", "fraction", "per_class", "indices_hash", "size")}
+            | {"seed": int(cfg.seed)},
+            "init_checkpoint": str(ckpt.path),
+            "target": {"dataset": target.get("name"), "input_size": target_size, "in_channels": channels},
+            "probabilities": probs,
+            "code_version": __version__,
+        }
+        policy = make_policy(
+            model_meta["name"], layers, bits, fixed, {"proxy": proxy_cost, "target": target_cost},
+            budget=Budget(bitops=budget, at="target") if budget else None, repair=repair_record, provenance=provenance,
+        )
+        artifacts = write_policy(policy, run_dir / "policy.json")
+        artifacts["bit_probabilities"] = str(plot_bit_probabilities(probs, candidates, run_dir / "bit_probabilities.png"))
+        tracker.track_image("policy", artifacts["policy_plot"], step=fitted.steps, subset="proxy")
+        tracker.track("policy_gbitops", target_cost.gbitops, step=fitted.steps, subset="proxy")
+    finally:
+        tracker.close()
+        searcher.close()
+    average = policy.average_bits()
+    searched_bits = {bits[n] for n in candidates}
+    metrics = {
+        "proxy_top1": fitted.final.get("top1"),
+        "expected_gbitops": fitted.history[-1].get("expected_gbitops"),
+        "gbitops": target_cost.gbitops,
+        "bitops": target_cost.bitops,
+        "size_mb": target_cost.size_mb,
+        "proxy_gbitops": proxy_cost.gbitops,
+        "budget_gbitops": budget / 1e9 if budget else None,
+        "repair_applied": bool(repair_record.get("applied")),
+        "avg_w_bits": average["w_bits"],
+        "avg_a_bits": average["a_bits"],
+        "uniform": len(searched_bits) <= 1,
+        "steps": fitted.steps,
+        "seconds": round(time.time() - started, 2),
+    }
+    if rule is not None:
+        metrics["rho"] = rule.rho
+    artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
+    result = Result(stage, metrics=metrics, artifacts=artifacts,
+                    extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info()})
+    write_result(run_dir, result, cfg)
+    return result

@@ -1,0 +1,81 @@
+"""The proxy search and fine-tuning on a tiny setting: ResNet-8, a few hundred proxy images, few steps."""
+
+import pytest
+import torch
+
+from framework.models import create_model
+from framework.pipeline import run_finetune, run_pretrain, run_search
+from framework.policy import read_policy, validate_policy
+from framework.quant import trace_layers
+from framework.results import read_result
+from tests.conftest import compose_config
+
+TINY_SEARCH = [
+    "proxy.per_class=20",        # 200 MNIST images
+    "proxy.test_fraction=0.05",
+    "search.batch_size=50",
+    "search.lr_logits=0.2",      # logits move visibly within a few steps
+    "tracking.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fp")
+    cfg = compose_config("pretrain", ["data.fraction=0.05", "data.test_fraction=0.05", "train.max_steps=15",
+                                      "tracking.enabled=false", f"run_dir={run_dir}"])
+    return run_pretrain(cfg).artifacts["checkpoint"]
+
+
+def _search(tmp_path, fp_checkpoint, *overrides):
+    cfg = compose_config("search", [*TINY_SEARCH, f"init_checkpoint={fp_checkpoint}", f"run_dir={tmp_path}", *overrides])
+    return run_search(cfg)
+
+
+@pytest.mark.parametrize("method", ["dnas", "seam", "asga", "seam_asga"])
+def test_every_method_gives_a_valid_non_uniform_policy_under_budget(tmp_path, fp_checkpoint, method):
+    result = _search(tmp_path, fp_checkpoint, f"search={method}", "search.max_steps=8", "search.budget_uniform_bits=4")
+    assert read_result(tmp_path)["status"] == "ok"
+    policy = read_policy(result.artifacts["policy"])
+    model = create_model("resnet8", num_classes=10, in_channels=1)
+    validate_policy(policy, "resnet8", trace_layers(model, 28, 1))
+    searched = {(layer.w_bits, layer.a_bits) for layer in policy.layers.values() if not layer.fixed}
+    assert len(searched) > 1, f"{method} gave a uniform policy {searched}"
+    assert policy.cost["target"].bitops <= policy.budget.bitops
+    assert policy.provenance["method"] == method
+    assert policy.provenance["proxy"]["dataset"] == "mnist" and len(policy.provenance["proxy"]["indices_hash"]) == 16
+    assert (tmp_path / "policy.png").exists() and (tmp_path / "bit_probabilities.png").exists()
+    if "asga" in method:
+        assert 0.01 <= result.metrics["rho"] <= 0.3
+    if "seam" in method:
+        assert "margin" in result.extra["history"][-1]
+
+
+def test_a_tight_budget_is_met_by_the_policy(tmp_path, fp_checkpoint):
+    result = _search(tmp_path, fp_checkpoint, "search=dnas", "search.max_steps=4", "search.budget_uniform_bits=2",
+                     "search.complexity.weight=0.0")  # no pressure: the repair alone must enforce the budget
+    policy = read_policy(result.artifacts["policy"])
+    assert policy.cost["target"].bitops <= policy.budget.bitops
+    assert result.metrics["gbitops"] <= result.metrics["budget_gbitops"] + 1e-12
+    assert policy.repair["applied"] is True and result.metrics["repair_applied"] is True
+
+
+def test_a_larger_complexity_weight_lowers_the_expected_bitops(tmp_path, fp_checkpoint):
+    common = ["search=dnas", "search.max_steps=10", "search.complexity.penalty=linear", "search.budget_uniform_bits=null"]
+    low = _search(tmp_path / "low", fp_checkpoint, *common, "search.complexity.weight=0.0")
+    high = _search(tmp_path / "high", fp_checkpoint, *common, "search.complexity.weight=20.0")
+    assert high.metrics["expected_gbitops"] < low.metrics["expected_gbitops"]
+
+
+def test_finetune_under_the_searched_policy(tmp_path, fp_checkpoint):
+    found = _search(tmp_path / "search", fp_checkpoint, "search=asga", "search.max_steps=4")
+    for name, overrides in (("sgd", []), ("saq", ["finetune=saq"])):
+        cfg = compose_config("finetune", [
+            f"init_checkpoint={fp_checkpoint}", f"policy={found.artifacts['policy']}", "finetune.max_steps=4",
+            "data.fraction=0.02", "data.test_fraction=0.05", "tracking.enabled=false", f"run_dir={tmp_path / name}", *overrides,
+        ])
+        result = run_finetune(cfg)
+        assert result.metrics["bitops"] == pytest.approx(read_policy(found.artifacts["policy"]).cost["target"].bitops)
+        assert result.metrics["steps"] == 4 and 0 <= result.metrics["top1"] <= 1
+        state = torch.load(f"{result.artifacts['checkpoint']}/training.pt", weights_only=True)
+        assert state["two_pass"]["step_count"] == 4
