@@ -88,3 +88,21 @@ def test_aim_up_serves_the_run_on_loopback(pretrained_run):
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_policy_plot_is_tracked_as_an_aim_image(tmp_path):
+    from aim.storage.context import Context
+
+    from tests.conftest import read_json, run_mpq
+
+    repo = tmp_path / "aim"
+    proc = run_mpq("cost", "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4",
+                   f"hydra.run.dir={tmp_path / 'run'}", f"tracking.repo={repo}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_hash = read_json(tmp_path / "run" / "result.json")["tracking"]["run_hash"]
+    run = {r.hash: r for r in Repo.from_path(str(repo)).iter_runs()}[run_hash]
+    images = run.get_image_sequence("policy", Context({"subset": "val"}))
+    assert images is not None
+    assert list(images.data.indices()) == [0]  # the step the plot was tracked at
+    (image,) = images.values.values_list()
+    assert image.to_pil_image().size[0] > 300
