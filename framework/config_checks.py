@@ -39,6 +39,37 @@ def _positive(cfg: DictConfig, key: str) -> None:
         raise MPQError(f"{key}={value!r} is invalid: expected a number >= 0")
 
 
+def _one_of(cfg: DictConfig, key: str, allowed: tuple, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise MPQError(f"{key}={value!r} is invalid: choose one of {', '.join(map(str, allowed))}")
+
+
+def _bits_list(cfg: DictConfig, key: str) -> None:
+    from framework.quant.quantizers import SUPPORTED_BITS
+
+    value = _get(cfg, key)
+    values = list(value) if value is not None and not isinstance(value, (str, int)) else None
+    if not values or any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in values):
+        raise MPQError(f"{key}={value!r} is invalid: expected a list of bit-widths from {list(SUPPORTED_BITS)}")
+
+
+def _quant(cfg: DictConfig, node: str) -> None:
+    if _get(cfg, node) is None:
+        return
+    from framework.quant.quantizers import ACT_QUANTIZERS, SUPPORTED_BITS, WEIGHT_QUANTIZERS
+
+    _one_of(cfg, f"{node}.weight", WEIGHT_QUANTIZERS)
+    _one_of(cfg, f"{node}.activation", ACT_QUANTIZERS)
+    fixed = _get(cfg, f"{node}.fixed_bits")
+    if fixed is not None and fixed != "searched" and fixed not in SUPPORTED_BITS:
+        raise MPQError(f"{node}.fixed_bits={fixed!r} is invalid: expected 8, 32 (or another supported bit-width) or null")
+    _bits_list(cfg, f"{node}.candidates_w")
+    _bits_list(cfg, f"{node}.candidates_a")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise an :class:`MPQError` for the first invalid value users commonly set."""
     _int(cfg, "seed")
@@ -51,6 +82,31 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "dist.nproc", 1)
     _positive(cfg, "train.optim.lr")
     _positive(cfg, "train.optim.weight_decay")
+    _quant(cfg, "quant")
+    if _get(cfg, "search") is not None:
+        _int(cfg, "search.epochs", 1)
+        _int(cfg, "search.max_steps", 1, optional=True)
+        _int(cfg, "search.batch_size", 1, optional=True)
+        _positive(cfg, "search.lr_weights")
+        _positive(cfg, "search.lr_logits")
+        _positive(cfg, "search.complexity.weight")
+        _positive(cfg, "search.margin.weight")
+        _one_of(cfg, "search.complexity.penalty", ("linear", "hinge"))
+        _one_of(cfg, "search.sharpness.name", ("none", "sam", "asam", "asga"))
+        _int(cfg, "search.sharpness.period", 1, optional=True)
+        _int(cfg, "search.budget_uniform_bits", 1, optional=True)
+        budget = _get(cfg, "search.budget_bitops")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            raise MPQError(f"search.budget_bitops={budget!r} is invalid: expected a positive number of BitOps, or null")
+        _quant(cfg, "search.quant")
+    if _get(cfg, "finetune") is not None:
+        _int(cfg, "finetune.epochs", 1)
+        _int(cfg, "finetune.max_steps", 1, optional=True)
+        _int(cfg, "finetune.batch_size", 1)
+        _positive(cfg, "finetune.optim.lr")
+        _one_of(cfg, "finetune.sharpness.name", ("none", "sam", "asam", "asga", "saq"))
+        _one_of(cfg, "finetune.sharpness.saq_case", (1, 2, 3), optional=True)
+        _int(cfg, "finetune.sharpness.period", 1, optional=True)
     for node in ("data", "proxy"):
         _fraction(cfg, f"{node}.fraction")
         _fraction(cfg, f"{node}.test_fraction")

@@ -169,13 +169,11 @@ def model_from_checkpoint(ckpt, cfg: DictConfig):
 
 
 @torch.no_grad()
-def calibrate(model, loader, device, batches: int) -> None:
-    """Initialise data-dependent quantizers (LSQ activation steps) on a few training batches."""
+def calibrate(model, loader, device) -> None:
+    """Initialise data-dependent quantizers (LSQ step sizes) on one training batch (LSQ's init)."""
     model.eval()
-    for i, (images, _) in enumerate(loader):
-        if i >= batches:
-            break
-        model(images.to(device))
+    images, _ = next(iter(loader))
+    model(images.to(device))
 
 
 def run_evaluate(cfg: DictConfig) -> Result:
@@ -184,7 +182,7 @@ def run_evaluate(cfg: DictConfig) -> Result:
     The model and the input geometry (size, channels) come from the checkpoint, the dataset from
     `cfg.data`. A quantized checkpoint is evaluated under its own policy; `policy=uniform:W/A` or
     `policy=<policy.json>` quantizes a full-precision checkpoint after training (LSQ steps initialised
-    on `quant.calibration_batches` training batches). BitOps and size are at the checkpoint's input size.
+    on one training batch). BitOps and size are at the checkpoint's input size.
     """
     stage = "evaluate"
     if not cfg.get("checkpoint"):
@@ -216,8 +214,7 @@ def run_evaluate(cfg: DictConfig) -> Result:
         quantize_with_policy(model, policy, cfg.quant, layers)
         model.to(device)
         calib = build_dataset(data_cfg, "train", train_transforms=False)
-        calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device,
-                  int(cfg.quant.get("calibration_batches", 1)))
+        calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device)
     model.to(device)
     tracker = open_tracker(cfg, stage)
     started = time.time()
@@ -345,15 +342,18 @@ def run_finetune(cfg: DictConfig) -> Result:
     load_model_state(model, ckpt)
     quantize_with_policy(model, policy, cfg.quant, layers)
     model.to(device)
-    calibrate(model, train_loader, device, int(cfg.quant.get("calibration_batches", 1)))
+    calibrate(model, train_loader, device)
 
     total_steps = schedule_length(train_loader, int(fcfg.epochs), fcfg.get("max_steps"))
     optimizer = build_optimizer(model, fcfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, fcfg.optim)
     sharp = fcfg.sharpness
-    rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
     saq_case = int(sharp.get("saq_case", 3)) if str(sharp.get("name")) == "saq" else None
-    two_pass = TwoPassOptimizer(model, [optimizer], rule, period=int(sharp.get("period", 1) or 1), saq_case=saq_case)
+    try:
+        rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
+        two_pass = TwoPassOptimizer(model, [optimizer], rule, period=int(sharp.get("period", 1) or 1), saq_case=saq_case)
+    except ValueError as err:
+        raise MPQError(f"finetune.sharpness: {err}") from None
     criterion = torch.nn.CrossEntropyLoss()
 
     def step_fn(images, labels):

@@ -126,6 +126,8 @@ def read_policy(path: str | Path) -> Policy:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MPQError(f"policy file {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise MPQError(f"policy file {path} is not UTF-8 text; a policy file is JSON") from None
     return policy_from_dict(data, f"policy file {path}")
 
 
@@ -298,16 +300,20 @@ def derive_bits(model) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, 
             probs[name] = {"w": pw.tolist(), "a": pa.tolist()}
         elif hasattr(module, "w_bits") and hasattr(module, "a_bits"):
             bits[name] = (module.w_bits, module.a_bits)
+        elif hasattr(module, "mpq_fixed_bits"):  # a fixed layer kept in full precision
+            bits[name] = tuple(module.mpq_fixed_bits)
     return bits, probs
 
 
 def repair(
     layers: list[LayerCost], bits: dict[str, tuple[int, int]], probs: dict[str, dict[str, list[float]]],
     candidates: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], budget_bitops: float,
+    joint: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
     """Lower bits until `BitOps <= budget`: at each step, the one-candidate drop (weights or
-    activations of one searched layer) that loses the least probability mass
-    `p(current) - p(lower)`; ties go to the larger BitOps saving."""
+    activations of one searched layer; both at once for layers in `joint`) that loses the least
+    probability mass `p(current) - p(lower)`; ties go to the larger BitOps saving. Candidate
+    sets are in ascending order (as the searchable layers keep them)."""
     bits = dict(bits)
     macs = {layer.name: layer.macs for layer in layers}
     before = _bitops(layers, bits)
@@ -322,7 +328,13 @@ def repair(
                     continue
                 loss = p[i] - p[i - 1]
                 lower = cands[i - 1]
-                saving = macs[name] * ((value - lower) * (a if side == 0 else w))
+                if name in joint:
+                    if side == 1:
+                        continue
+                    saving = macs[name] * (value * value - lower * lower)
+                    side = 2
+                else:
+                    saving = macs[name] * ((value - lower) * (a if side == 0 else w))
                 key = (loss, -saving)
                 if best is None or key < best[0]:
                     best = (key, name, side, lower)
@@ -333,8 +345,8 @@ def repair(
             )
         _, name, side, lower = best
         w, a = bits[name]
-        bits[name] = (lower, a) if side == 0 else (w, lower)
-        steps.append({"layer": name, "side": "w" if side == 0 else "a", "to": lower})
+        bits[name] = {0: (lower, a), 1: (w, lower), 2: (lower, lower)}[side]
+        steps.append({"layer": name, "side": {0: "w", 1: "a", 2: "wa"}[side], "to": lower})
     return bits, {
         "applied": bool(steps), "steps": steps, "bitops_before": before, "bitops_after": _bitops(layers, bits),
         "budget_bitops": budget_bitops,

@@ -1,6 +1,12 @@
 """Quantizers, fixed-policy and searchable layers, model conversion and the cost model."""
 
-from framework.quant.convert import build_supernet, fixed_layer_names, quantize_model, supernet_to_fixed
+from framework.quant.convert import (
+    build_supernet,
+    fixed_bits_of,
+    fixed_layer_names,
+    quantize_model,
+    supernet_to_fixed,
+)
 from framework.quant.cost import (
     LayerCost,
     complexity_penalty,
@@ -32,6 +38,7 @@ __all__ = [
     "build_supernet",
     "complexity_penalty",
     "expected_bitops",
+    "fixed_bits_of",
     "fixed_layer_names",
     "float_parameter_count",
     "policy_cost",

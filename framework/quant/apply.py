@@ -22,7 +22,7 @@ from framework.policy import (
     uniform_bits,
     validate_policy,
 )
-from framework.quant.convert import fixed_layer_names, quantize_model
+from framework.quant.convert import fixed_bits_of, fixed_layer_names, quantize_model
 from framework.quant.cost import LayerCost, float_parameter_count, trace_layers
 
 
@@ -32,11 +32,6 @@ class Geometry:
 
     input_size: int
     in_channels: int
-
-
-def _fixed_bits(qcfg) -> int | None:
-    value = qcfg.get("fixed_bits", 8)
-    return None if value is None or str(value).lower() in ("searched", "none", "null") else int(value)
 
 
 def resolve_policy(
@@ -61,8 +56,8 @@ def resolve_policy(
 
     uniform = parse_uniform(spec)
     if uniform is not None:
-        fixed = fixed_layer_names(layers, _fixed_bits(qcfg))
-        bits = uniform_bits(layers, uniform[0], uniform[1], fixed, _fixed_bits(qcfg))
+        fixed = fixed_layer_names(layers, fixed_bits_of(qcfg))
+        bits = uniform_bits(layers, uniform[0], uniform[1], fixed, fixed_bits_of(qcfg))
         target = cost_at(layers, bits, total_params, geometry.input_size, geometry.in_channels)
         policy = make_policy(
             model_name, layers, bits, fixed, {"target": target},

@@ -23,6 +23,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fixed_bits_of(qcfg) -> int | None:
+    """`quant.fixed_bits`: 8 (default), 32, or None/"searched" (the first and last layers are searched)."""
+    value = qcfg.get("fixed_bits", 8)
+    if value is None or str(value).lower() in ("searched", "none", "null"):
+        return None
+    return int(value)
+
+
 def fixed_layer_names(layers: list[LayerCost], fixed_bits) -> set[str]:
     """The first conv and last linear layer (execution order) when their bits are fixed, else none."""
     if fixed_bits is None or str(fixed_bits).lower() in ("searched", "none", "null"):
@@ -65,12 +73,15 @@ def quantize_model(
 
 def build_supernet(model: nn.Module, layers: list[LayerCost], qcfg) -> nn.Module:
     """Turn every traced layer into a searchable one, except the fixed first/last layers (in place)."""
-    fixed = fixed_layer_names(layers, qcfg.get("fixed_bits", 8))
-    fixed_bits = int(qcfg.get("fixed_bits") or FULL_PRECISION) if fixed else FULL_PRECISION
+    fixed_bits = fixed_bits_of(qcfg)
+    fixed = fixed_layer_names(layers, fixed_bits)
     for layer in layers:
         module = model.get_submodule(layer.name)
-        if layer.name in fixed:
-            new = module if fixed_bits == FULL_PRECISION else _to_fixed(module, fixed_bits, fixed_bits, qcfg)
+        if layer.name in fixed and fixed_bits == FULL_PRECISION:
+            new = module  # kept in full precision; counted at 32/32 bits by the cost model
+            new.mpq_fixed_bits = (FULL_PRECISION, FULL_PRECISION)
+        elif layer.name in fixed:
+            new = _to_fixed(module, fixed_bits, fixed_bits, qcfg)
         elif isinstance(module, nn.Conv2d):
             new = SearchConv2d.from_float(module, qcfg.candidates_w, qcfg.candidates_a, qcfg)
         else:
@@ -81,7 +92,11 @@ def build_supernet(model: nn.Module, layers: list[LayerCost], qcfg) -> nn.Module
 
 
 def supernet_to_fixed(supernet: nn.Module, bits: Mapping[str, tuple[int, int]], qcfg) -> nn.Module:
-    """A fixed-precision model with the supernet's weights and the given per-layer bits (in place)."""
+    """A fixed-precision model with the supernet's weights and the given per-layer bits (in place).
+
+    The quantizers are new (`qcfg`, e.g. LSQ for fine-tuning) and initialise on their first batch;
+    the search quantizers' state (min-max has none, learned ranges) is not carried over.
+    """
     for name, (w_bits, a_bits) in bits.items():
         module = supernet.get_submodule(name)
         if isinstance(module, (SearchConv2d, SearchLinear)):
@@ -96,9 +111,10 @@ def supernet_to_fixed(supernet: nn.Module, bits: Mapping[str, tuple[int, int]], 
 def _plain_copy(module: nn.Module, float_cls: type) -> nn.Module:
     if float_cls is nn.Conv2d:
         plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                          module.dilation, module.groups, module.bias is not None, module.padding_mode)
+                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                          dtype=module.weight.dtype)
     else:
-        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=module.weight.dtype)
     plain.weight.data.copy_(module.weight.data)
     if module.bias is not None:
         plain.bias.data.copy_(module.bias.data)

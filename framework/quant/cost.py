@@ -123,19 +123,25 @@ def expected_bitops(model: nn.Module) -> torch.Tensor:
 
     Uses the `macs` each layer was given at conversion (the search resolution).
     """
-    total: torch.Tensor | None = None
+    searched: torch.Tensor | None = None
+    fixed = 0.0
+    found = False
     for module in model.modules():
         if isinstance(module, SEARCH_LAYERS):
             bw, ba = module.expected_bits()
             term = module.macs * bw * ba
+            searched = term if searched is None else searched + term
+            found = True
         elif isinstance(module, QUANT_LAYERS):
-            term = torch.tensor(float(module.macs * module.w_bits * module.a_bits))
-        else:
-            continue
-        total = term if total is None else total + term.to(total.device)
-    if total is None:
+            fixed += float(module.macs * module.w_bits * module.a_bits)
+            found = True
+        elif hasattr(module, "mpq_fixed_bits"):  # a fixed layer kept in full precision
+            fixed += float(module.macs * module.mpq_fixed_bits[0] * module.mpq_fixed_bits[1])
+    if not found:
         raise ValueError("the model has no quantized or searchable layers")
-    return total
+    if searched is None:
+        return torch.tensor(fixed)
+    return searched + fixed
 
 
 def complexity_penalty(expected: torch.Tensor, mode: str, reference: float) -> torch.Tensor:

@@ -104,8 +104,8 @@ class _SearchMixin:
     gumbel_tau: float | None
 
     def _init_search(self, w_candidates: Sequence[int], a_candidates: Sequence[int], qcfg, out_channels: int) -> None:
-        self.w_candidates = tuple(check_bits(b) for b in w_candidates)
-        self.a_candidates = tuple(check_bits(b) for b in a_candidates)
+        self.w_candidates = tuple(sorted({check_bits(b) for b in w_candidates}))
+        self.a_candidates = tuple(sorted({check_bits(b) for b in a_candidates}))
         self.joint = bool(qcfg.get("joint_wa", False))
         if self.joint and self.w_candidates != self.a_candidates:
             raise ValueError("joint weight/activation bits need the same candidate sets")

@@ -95,9 +95,26 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self._sync_flags()
+
+    def _sync_flags(self) -> None:
+        """Python copies of the buffers, so a forward pass never waits on the device to read them."""
+        self._ready = bool(self.initialized)
+        self._signed = int(self.signed)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_flags()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"
+
+    @torch.no_grad()
+    def set_step(self, step) -> None:
+        """Set the step size(s) by hand and mark the quantizer initialised."""
+        self.step.copy_(torch.as_tensor(step, dtype=self.step.dtype).expand_as(self.step))
+        self.initialized.fill_(True)
+        self._sync_flags()
 
     def _view(self, step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return step.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else step
@@ -105,22 +122,24 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """`s = 2 mean|x| / sqrt(Qp)`, per tensor or per output channel; fixes the sign if unknown."""
-        if int(self.signed) < 0:
+        if self._signed < 0:
             self.signed.fill_(int(bool((x < 0).any())))
-        _, qp = int_range(self.bits, bool(self.signed))
+            self._sync_flags()
+        _, qp = int_range(self.bits, bool(self._signed))
         if self.per_channel:
             mean_abs = x.detach().abs().flatten(1).mean(1)
         else:
             mean_abs = x.detach().abs().mean().reshape(1)
         self.step.copy_((2 * mean_abs / math.sqrt(qp)).clamp_min(1e-8))
         self.initialized.fill_(True)
+        self._sync_flags()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FULL_PRECISION:
             return x
-        if not bool(self.initialized):
+        if not self._ready:
             self.initialize(x)
-        qn, qp = int_range(self.bits, bool(self.signed))
+        qn, qp = int_range(self.bits, bool(self._signed))
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
         return _LSQFunction.apply(x, self.step, qn, qp, 1.0 / math.sqrt(n * qp), self.per_channel)
 
@@ -185,6 +204,11 @@ class LearnedRangeActQuantizer(nn.Module):
         self.bits = check_bits(bits)
         self.range = nn.Parameter(torch.tensor(float(init_range)))
         self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self._signed = int(self.signed)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._signed = int(self.signed)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
@@ -192,10 +216,11 @@ class LearnedRangeActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FULL_PRECISION:
             return x
-        if int(self.signed) < 0:
+        if self._signed < 0:
             with torch.no_grad():
                 self.signed.fill_(int(bool((x < 0).any())))
-        signed = bool(self.signed)
+            self._signed = int(self.signed)
+        signed = bool(self._signed)
         levels = 2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1
         return _LearnedRangeFunction.apply(x, self.range.abs() + 1e-8, levels, signed)
 

@@ -35,6 +35,7 @@ from framework.quant import (
     build_supernet,
     complexity_penalty,
     expected_bitops,
+    fixed_bits_of,
     fixed_layer_names,
     float_parameter_count,
     trace_layers,
@@ -95,7 +96,10 @@ class SearchStep:
                                      weight_decay=float(scfg.get("logit_weight_decay", 0.0)))
         self.scheduler = None
         sharp = scfg.sharpness
-        self.rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
+        try:
+            self.rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
+        except ValueError as err:
+            raise MPQError(f"search.sharpness: {err}") from None
         self.two_pass = TwoPassOptimizer(model, [self.opt_w, self.opt_a], self.rule, period=int(sharp.get("period", 1) or 1))
         self.margin_weight = float(scfg.margin.weight)
         self.features = PenultimateFeatures(model) if self.margin_weight > 0 else None
@@ -125,13 +129,17 @@ class SearchStep:
         outputs: list[torch.Tensor] = []
 
         def closure() -> torch.Tensor:
+            first_pass = not outputs
             out = self.model(images)
             outputs.append(out.detach())
             loss = self.criterion(out, labels)
-            self.last_terms["ce"] = float(loss.detach())
+            if first_pass:  # the terms at theta, not at the perturbed point
+                self.last_terms["ce"] = float(loss.detach())
             if self.margin_loss is not None:
+                self.margin_loss.train(first_pass)  # class centres move once per step, like BN statistics
                 margin = self.margin_loss(self.features.features, labels)
-                self.last_terms["margin"] = float(margin.detach())
+                if first_pass:
+                    self.last_terms["margin"] = float(margin.detach())
                 loss = loss + self.margin_weight * margin
             loss.backward()
             return loss
@@ -188,16 +196,20 @@ def run_search(cfg: DictConfig) -> Result:
     model = create_model(model_meta["name"], num_classes=model_meta["num_classes"], in_channels=channels,
                          **model_meta.get("options", {}))
     load_model_state(model, ckpt)
-    _fresh_head(model, proxy_classes)
-    search_meta = {**model_meta, "num_classes": proxy_classes}
-
+    # costs are those of the target model (its own classifier), measured before the head is swapped
     layers = trace_layers(model, target_size, channels)  # MACs at the target resolution
     proxy_layers = trace_layers(model, int(proxy_cfg.input_size), channels)
     total_params = float_parameter_count(model)
+    _fresh_head(model, proxy_classes)
+    search_meta = {**model_meta, "num_classes": proxy_classes}
+
     qcfg = scfg.quant
-    fixed_bits = None if qcfg.get("fixed_bits") in (None, "searched") else int(qcfg.fixed_bits)
+    fixed_bits = fixed_bits_of(qcfg)
     fixed = fixed_layer_names(layers, fixed_bits)
-    build_supernet(model, layers, qcfg)
+    try:
+        build_supernet(model, layers, qcfg)
+    except ValueError as err:
+        raise MPQError(f"cannot build the search supernet from search.quant: {err}") from None
     model.to(device)
 
     budget = budget_bitops(scfg, layers, fixed, fixed_bits)
@@ -240,7 +252,8 @@ def run_search(cfg: DictConfig) -> Result:
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}
         if budget is not None and scfg.get("repair", True):
-            bits, repair_record = repair(layers, bits, probs, candidates, budget)
+            joint = {n for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear)) and m.joint}
+            bits, repair_record = repair(layers, bits, probs, candidates, budget, joint)
         proxy_cost = cost_at(proxy_layers, bits, total_params, int(proxy_cfg.input_size), channels)
         target_cost = cost_at(layers, bits, total_params, target_size, channels)
         provenance = {

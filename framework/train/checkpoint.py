@@ -4,7 +4,7 @@ Layout of a checkpoint directory::
 
     meta.json      format, model (name, classes, channels, options), data geometry, step, epoch, metrics
     model.pt       the model's state dict
-    training.pt    optimizer, scheduler and RNG states (present when training can resume from it)
+    training.pt    optimizer, scheduler and two-pass optimizer states (the training side of the run)
 
 A save writes everything into `.<name>.tmp-<pid>` beside the target, then swaps it in with
 renames; a reader therefore sees the old checkpoint or the new one, never half of one. Loading

@@ -79,3 +79,40 @@ def test_finetune_under_the_searched_policy(tmp_path, fp_checkpoint):
         assert result.metrics["steps"] == 4 and 0 <= result.metrics["top1"] <= 1
         state = torch.load(f"{result.artifacts['checkpoint']}/training.pt", weights_only=True)
         assert state["two_pass"]["step_count"] == 4
+
+
+def test_full_precision_fixed_layers_are_counted_at_32_bits(tmp_path, fp_checkpoint):
+    result = _search(tmp_path, fp_checkpoint, "search=dnas", "search.max_steps=2", "search.quant.fixed_bits=32",
+                     "search.budget_uniform_bits=null", "search.complexity.penalty=linear")
+    policy = read_policy(result.artifacts["policy"])
+    assert (policy.layers["conv1"].w_bits, policy.layers["conv1"].a_bits) == (32, 32) and policy.layers["conv1"].fixed
+    assert (policy.layers["fc"].w_bits, policy.layers["fc"].a_bits) == (32, 32)
+    fixed_bitops = 32 * 32 * (policy.layers["conv1"].macs + policy.layers["fc"].macs)
+    assert result.metrics["expected_gbitops"] * 1e9 > fixed_bitops
+
+
+def test_a_proxy_with_other_classes_keeps_the_target_costs(tmp_path, fp_checkpoint):
+    """A 3-class proxy (an ImageFolder tree) for the 10-class target: the policy's costs are the target's."""
+    import numpy as np
+    from PIL import Image
+
+    from framework.policy import cost_at
+    from framework.quant import float_parameter_count
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            folder = tmp_path / "tree" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = _search(tmp_path / "run", fp_checkpoint, "search=dnas", "search.max_steps=2", "proxy=imagefolder",
+                     f"proxy.root={tmp_path / 'tree'}", "proxy.fraction=1.0", "search.batch_size=6")
+    policy = read_policy(result.artifacts["policy"])
+    target = create_model("resnet8", num_classes=10, in_channels=1)
+    layers = trace_layers(target, 28, 1)
+    assert policy.layers["fc"].macs == 64 * 10
+    validate_policy(policy, "resnet8", layers,
+                    recompute=lambda s, c: cost_at(trace_layers(target, s, c), policy.bits(), float_parameter_count(target), s, c))
+    assert policy.cost["target"].size_mb == pytest.approx(
+        cost_at(layers, policy.bits(), float_parameter_count(target), 28, 1).size_mb)

@@ -45,6 +45,14 @@ def test_contract_names_exist_in_the_default_config():
         ("data.channels=2", "data.channels"),
         ("proxy.per_class=0", "proxy.per_class"),
         ("train.optim.lr=-1", "train.optim.lr"),
+        ("search.sharpness.name=sharp", "search.sharpness.name"),
+        ("search.complexity.penalty=cubic", "search.complexity.penalty"),
+        ("search.quant.candidates_w=[2,9]", "search.quant.candidates_w"),
+        ("search.epochs=0", "search.epochs"),
+        ("search.budget_bitops=-5", "search.budget_bitops"),
+        ("finetune.sharpness.saq_case=4", "finetune.sharpness.saq_case"),
+        ("finetune.epochs=0", "finetune.epochs"),
+        ("quant.weight=fancy", "quant.weight"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -15,9 +15,7 @@ from framework.quant.quantizers import (
 
 def _lsq(bits, step, signed=True):
     q = LSQQuantizer(bits, signed=signed)
-    with torch.no_grad():
-        q.step.fill_(step)
-    q.initialized.fill_(True)
+    q.set_step(step)
     return q
 
 
@@ -64,9 +62,7 @@ def test_lsq_initialisation_per_tensor_and_per_channel():
 
 def test_lsq_per_channel_step_gradient_uses_elements_per_channel():
     q = LSQQuantizer(2, signed=True, per_channel=True, channels=2)  # Qn=-2, Qp=1
-    with torch.no_grad():
-        q.step.copy_(torch.tensor([1.0, 2.0]))
-    q.initialized.fill_(True)
+    q.set_step(torch.tensor([1.0, 2.0]))
     w = torch.tensor([[0.3, 5.0, -5.0], [1.0, 0.0, 0.4]])
     q(w).sum().backward()
     # channel 0: x/s = [0.3, 5, -5] -> [0 - 0.3, Qp=1, Qn=-2]; channel 1: x/s = [0.5, 0, 0.2] -> [0-0.5 (round half to even), 0, -0.2]
