@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant.quantizers import check_bits, make_act_quantizer, make_weight_quantizer
+from framework.quant.fused import fused_mixed_learned_range
+from framework.quant.quantizers import (
+    LearnedRangeActQuantizer,
+    check_bits,
+    make_act_quantizer,
+    make_weight_quantizer,
+)
 
 
 class _QuantMixin:
@@ -39,10 +45,11 @@ class _QuantMixin:
 
     def _init_quant(self, w_bits: int, a_bits: int, qcfg, out_channels: int) -> None:
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
+        fused = bool(qcfg.get("fused", False))
         self.weight_quant = make_weight_quantizer(
-            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.get("per_channel", False))
+            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.get("per_channel", False)), fused=fused
         )
-        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.get("act_init_range", 6.0)))
+        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.get("act_init_range", 6.0)), fused)
         self.macs = 0.0
         # SAQ (sharpness-aware quantization) hooks: a perturbation added *after* quantization, and the
         # quantized weight of the last forward pass kept with its gradient (case 3 perturbs along it)
@@ -119,6 +126,7 @@ class _SearchMixin:
         init_range = float(qcfg.get("act_init_range", 6.0))
         self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
         self.gumbel_tau = qcfg.get("gumbel_tau")
+        self.fused = bool(qcfg.get("fused", False)) and all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
         self.macs = 0.0
         self.register_buffer("w_bit_values", torch.tensor(self.w_candidates, dtype=torch.float32), persistent=False)
         self.register_buffer("a_bit_values", torch.tensor(self.a_candidates, dtype=torch.float32), persistent=False)
@@ -145,9 +153,20 @@ class _SearchMixin:
         pw, pa = self.bit_probabilities()
         return (pw * self.w_bit_values).sum(), (pa * self.a_bit_values).sum()
 
+    def _fusable_sign(self) -> bool | None:
+        """The common sign of the activation candidates once known (None: not fusable yet)."""
+        signs = {q._signed for q in self.act_quants}
+        return bool(signs.pop()) if len(signs) == 1 and -1 not in signs else None
+
     def mixed_input_and_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pw, pa = self._mixing_weights()
-        x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
+        signed = self._fusable_sign() if self.fused else None
+        if signed is not None:
+            levels = tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in self.act_quants)
+            ranges = torch.stack([q.range for q in self.act_quants]).abs() + 1e-8
+            x_mix = fused_mixed_learned_range(x, pa, ranges, levels, signed)
+        else:
+            x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
         w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
         return x_mix, w_mix
 

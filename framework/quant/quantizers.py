@@ -88,10 +88,13 @@ class _LSQFunction(torch.autograd.Function):
 class LSQQuantizer(nn.Module):
     """Learned-step-size quantizer for weights (`signed=True`) or activations (`signed=None`: from data)."""
 
-    def __init__(self, bits: int, signed: bool | None = True, per_channel: bool = False, channels: int = 1):
+    def __init__(
+        self, bits: int, signed: bool | None = True, per_channel: bool = False, channels: int = 1, fused: bool = False
+    ):
         super().__init__()
         self.bits = check_bits(bits)
         self.per_channel = per_channel
+        self.fused = fused
         self.step = nn.Parameter(torch.ones(channels if per_channel else 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
@@ -141,7 +144,13 @@ class LSQQuantizer(nn.Module):
             self.initialize(x)
         qn, qp = int_range(self.bits, bool(self._signed))
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
-        return _LSQFunction.apply(x, self.step, qn, qp, 1.0 / math.sqrt(n * qp), self.per_channel)
+        grad_scale = 1.0 / math.sqrt(n * qp)
+        if self.fused:
+            from framework.quant.fused import fused_lsq
+
+            bounds = x.new_tensor([qn, qp, grad_scale])
+            return fused_lsq(x, self._view(self.step, x), bounds[0], bounds[1], bounds[2])
+        return _LSQFunction.apply(x, self.step, qn, qp, grad_scale, self.per_channel)
 
 
 class MinMaxWeightQuantizer(nn.Module):
@@ -229,17 +238,19 @@ WEIGHT_QUANTIZERS = ("lsq", "minmax")
 ACT_QUANTIZERS = ("lsq", "learned_range")
 
 
-def make_weight_quantizer(kind: str, bits: int, out_channels: int, per_channel: bool = False) -> nn.Module:
+def make_weight_quantizer(
+    kind: str, bits: int, out_channels: int, per_channel: bool = False, fused: bool = False
+) -> nn.Module:
     if kind == "lsq":
-        return LSQQuantizer(bits, signed=True, per_channel=per_channel, channels=out_channels)
+        return LSQQuantizer(bits, signed=True, per_channel=per_channel, channels=out_channels, fused=fused)
     if kind == "minmax":
         return MinMaxWeightQuantizer(bits)
     raise ValueError(f"unknown weight quantizer '{kind}'; choose one of {WEIGHT_QUANTIZERS}")
 
 
-def make_act_quantizer(kind: str, bits: int, init_range: float = 6.0) -> nn.Module:
+def make_act_quantizer(kind: str, bits: int, init_range: float = 6.0, fused: bool = False) -> nn.Module:
     if kind == "lsq":
-        return LSQQuantizer(bits, signed=None)
+        return LSQQuantizer(bits, signed=None, fused=fused)
     if kind == "learned_range":
         return LearnedRangeActQuantizer(bits, init_range=init_range)
     raise ValueError(f"unknown activation quantizer '{kind}'; choose one of {ACT_QUANTIZERS}")

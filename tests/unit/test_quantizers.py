@@ -128,3 +128,51 @@ def test_32_bits_is_exactly_the_identity(make):
 def test_unsupported_bits_are_refused():
     with pytest.raises(ValueError, match="unsupported bit-width 1"):
         LSQQuantizer(1)
+
+
+def test_fused_lsq_equals_the_autograd_function():
+    torch.manual_seed(0)
+    for per_channel, signed in ((False, True), (True, True), (False, False)):
+        x = (torch.randn(6, 5, 4, 4) * 2).requires_grad_()
+        plain = LSQQuantizer(3, signed=signed, per_channel=per_channel, channels=6)
+        fused = LSQQuantizer(3, signed=signed, per_channel=per_channel, channels=6, fused=True)
+        steps = torch.rand(6) * 0.5 + 0.1 if per_channel else torch.tensor([0.37])
+        plain.set_step(steps)
+        fused.set_step(steps)
+        y1 = plain(x)
+        (y1 * torch.linspace(-1, 1, y1.numel()).view_as(y1)).sum().backward()
+        gx1, gs1 = x.grad.clone(), plain.step.grad.clone()
+        x.grad = None
+        y2 = fused(x)
+        (y2 * torch.linspace(-1, 1, y2.numel()).view_as(y2)).sum().backward()
+        assert torch.allclose(y1, y2, atol=1e-6)
+        assert torch.allclose(gx1, x.grad)
+        assert torch.allclose(gs1, fused.step.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_mixed_activation_equals_the_sum_of_quantizers():
+    from framework.quant.fused import fused_mixed_learned_range
+
+    torch.manual_seed(0)
+    for signed in (False, True):
+        x = (torch.randn(4, 3, 5, 5) * 4).requires_grad_()
+        if not signed:
+            x = x.detach().relu().requires_grad_()
+        quantizers = [LearnedRangeActQuantizer(b, init_range=r, signed=signed) for b, r in ((2, 1.5), (3, 2.0), (4, 3.0), (6, 6.0))]
+        alpha = torch.tensor([0.3, -0.2, 0.9, 0.1], requires_grad=True)
+        weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+        ref = sum(p * q(x) for p, q in zip(alpha.softmax(0), quantizers, strict=True))
+        (ref * weights).sum().backward()
+        ref_grads = (x.grad.clone(), alpha.grad.clone(), [q.range.grad.clone() for q in quantizers])
+        x.grad, alpha.grad = None, None
+        for q in quantizers:
+            q.range.grad = None
+        levels = tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in quantizers)
+        ranges = torch.stack([q.range for q in quantizers]).abs() + 1e-8
+        out = fused_mixed_learned_range(x, alpha.softmax(0), ranges, levels, signed)
+        (out * weights).sum().backward()
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(x.grad, ref_grads[0], atol=1e-5)
+        assert torch.allclose(alpha.grad, ref_grads[1], atol=1e-4)
+        for q, g in zip(quantizers, ref_grads[2], strict=True):
+            assert torch.allclose(q.range.grad, g, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,76 @@
+"""Fused quantization kernels: the searchable layer's mixed activation, and LSQ.
+
+    x_mix = sum_i p_i * Q_i(x),   Q_i(x) = round(clamp(x, lo, r_i) / s_i) * s_i,   s_i = r_i / L_i
+
+(learned-range candidates, `lo = 0` or `-r_i` for signed inputs, round with the straight-through
+estimator). Written as plain tensor code, it costs about 8 passes over the activation per
+candidate and as many again backward, which dominates a supernet step on a CPU
+(benchmarks/quant_overhead.py --profile). `torch.compile` turns the whole sum and its gradients
+(w.r.t. x, the probabilities p and the ranges r) into one loop each way. The compiled function is
+the same math as :class:`LearnedRangeActQuantizer`: the tests compare the two. LSQ gets the same
+treatment for fixed-policy layers (one kernel instead of about 13 passes per quantizer).
+
+Compilation happens once per process and per (candidate levels, sign) and is cached on disk by
+torch; where no C++ compiler is available the eager version is used, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def mixed_learned_range(
+    x: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor, levels: tuple[int, ...], signed: bool
+) -> torch.Tensor:
+    """sum_i probs[i] * Q(x; ranges[i], levels[i]) (eager reference implementation)."""
+    out = None
+    for i, level in enumerate(levels):
+        r = ranges[i]
+        clipped = torch.maximum(torch.minimum(x, r), -r) if signed else torch.minimum(torch.relu(x), r)
+        step = r / level
+        term = probs[i] * (_round_ste(clipped / step) * step)
+        out = term if out is None else out + term
+    return out
+
+
+def lsq_fake_quant(
+    x: torch.Tensor, step: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor, grad_scale: torch.Tensor
+) -> torch.Tensor:
+    """LSQ as plain tensor code: `clamp(round(x / s), Qn, Qp) * s` with the step's gradient scaled
+    by `grad_scale` (the same math as :class:`LSQQuantizer`'s autograd function). `step` is already
+    shaped to broadcast (per tensor or per output channel); the bounds are tensors so one compiled
+    kernel serves every bit-width."""
+    scaled = step * grad_scale
+    s = (step - scaled).detach() + scaled
+    return _round_ste(torch.clamp(x / s, qn, qp)) * s
+
+
+class _Compiled:
+    """A function compiled on first use, or its eager self where compilation is not possible."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.disabled = fn, None, False
+
+    def __call__(self, *args):
+        if not self.disabled:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args)
+            except Exception as err:  # no compiler, unsupported platform: keep going, slower
+                self.disabled = True
+                log.warning("fused %s unavailable (%s: %s); using the eager version", self.fn.__name__,
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return self.fn(*args)
+
+
+fused_mixed_learned_range = _Compiled(mixed_learned_range)
+fused_lsq = _Compiled(lsq_fake_quant)
