@@ -43,6 +43,24 @@ def _run_dir(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
+def prepare_stage(cfg: DictConfig, stage: str) -> tuple[Path, torch.device]:
+    """The run directory (created), torch threads, seeds and device every stage starts with."""
+    run_dir = _run_dir(cfg, stage)
+    _set_threads(cfg)
+    seed_everything(int(cfg.seed))
+    return run_dir, resolve_device(cfg.get("device", "auto"))
+
+
+def load_full_precision_checkpoint(cfg: DictConfig, stage: str):
+    """`cfg.init_checkpoint`, which must be a full-precision checkpoint of the target model."""
+    if not cfg.get("init_checkpoint"):
+        raise MPQError(f"{stage} needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    if ckpt.meta.get("quant"):
+        raise MPQError(f"init_checkpoint {ckpt.path} is quantized; {stage} starts from the full-precision checkpoint")
+    return ckpt
+
+
 def _set_threads(cfg: DictConfig) -> None:
     import torch
 
@@ -76,10 +94,7 @@ def run_pretrain(cfg: DictConfig) -> Result:
     `metrics.top1` is the top-1 of the final model on the test split.
     """
     stage = "pretrain"
-    run_dir = _run_dir(cfg, stage)
-    _set_threads(cfg)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.get("device", "auto"))
+    run_dir, device = prepare_stage(cfg, stage)
 
     train_set = build_dataset(cfg.data, "train")
     test_set = build_dataset(cfg.data, "test")
@@ -187,10 +202,7 @@ def run_evaluate(cfg: DictConfig) -> Result:
     stage = "evaluate"
     if not cfg.get("checkpoint"):
         raise MPQError("evaluate needs checkpoint=<checkpoint directory>, e.g. checkpoint=outputs/pretrain/<run>/checkpoints/last")
-    run_dir = _run_dir(cfg, stage)
-    _set_threads(cfg)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.get("device", "auto"))
+    run_dir, device = prepare_stage(cfg, stage)
     ckpt = load_checkpoint(cfg.checkpoint)
     model_meta = ckpt.meta["model"]
     geometry = _checkpoint_geometry(ckpt, cfg)
@@ -314,17 +326,10 @@ def run_finetune(cfg: DictConfig) -> Result:
     """
     stage = "finetune"
     fcfg = cfg.finetune
-    if not cfg.get("init_checkpoint"):
-        raise MPQError("finetune needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
     if not cfg.get("policy"):
         raise MPQError("finetune needs policy=<policy.json from mpq search> or policy=uniform:W/A")
-    run_dir = _run_dir(cfg, stage)
-    _set_threads(cfg)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.get("device", "auto"))
-    ckpt = load_checkpoint(cfg.init_checkpoint)
-    if ckpt.meta.get("quant"):
-        raise MPQError(f"init_checkpoint {ckpt.path} is already quantized; fine-tune from the full-precision checkpoint")
+    ckpt = load_full_precision_checkpoint(cfg, stage)
+    run_dir, device = prepare_stage(cfg, stage)
     model_meta = ckpt.meta["model"]
     geometry = _checkpoint_geometry(ckpt, cfg)
     data_cfg = cfg.data.copy()

@@ -45,9 +45,8 @@ from framework.search.objectives import CenterMarginLoss, PenultimateFeatures
 from framework.sharpness import TwoPassOptimizer, build_rule
 from framework.track import open_tracker
 from framework.track.figures import plot_bit_probabilities
-from framework.train.checkpoint import load_checkpoint, load_model_state
+from framework.train.checkpoint import load_model_state
 from framework.train.engine import fit, schedule_length
-from framework.train.loop import resolve_device, seed_everything
 from framework.train.optim import cosine_with_warmup
 
 log = logging.getLogger(__name__)
@@ -162,20 +161,12 @@ class SearchStep:
 
 def run_search(cfg: DictConfig) -> Result:
     """Search a mixed-precision policy on the proxy data; writes policy.json, its plots and result.json."""
-    from framework.pipeline import _run_dir, _set_threads
+    from framework.pipeline import load_full_precision_checkpoint, prepare_stage
 
     stage = "search"
     scfg = cfg.search
-    if not cfg.get("init_checkpoint"):
-        raise MPQError("search needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
-    run_dir = _run_dir(cfg, stage)
-    _set_threads(cfg)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.get("device", "auto"))
-
-    ckpt = load_checkpoint(cfg.init_checkpoint)
-    if ckpt.meta.get("quant"):
-        raise MPQError(f"init_checkpoint {ckpt.path} is quantized; the search starts from a full-precision checkpoint")
+    ckpt = load_full_precision_checkpoint(cfg, stage)
+    run_dir, device = prepare_stage(cfg, stage)
     model_meta = dict(ckpt.meta["model"])
     target = ckpt.meta.get("data", {})
     target_size, channels = int(target.get("input_size") or 28), int(target.get("channels") or model_meta["in_channels"])

@@ -103,12 +103,17 @@ def resnet8_policy(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("name", ["unknown_layer", "unsupported_bits", "other_model"])
+@pytest.mark.parametrize("name", [*sorted(BAD_POLICIES), "malformed_json"])
 def test_bad_policy_through_evaluate(pretrained_run, resnet8_policy, tmp_path, name):
-    path = _bad_policy_file(tmp_path, resnet8_policy, name)
+    if name == "malformed_json":
+        path, message = tmp_path / "policy.json", "not valid JSON"
+        path.write_text('{"schema": "mpq-policy/1", "model": "resnet8", "layers": {')
+    else:
+        path, message = _bad_policy_file(tmp_path, resnet8_policy, name), BAD_POLICIES[name][1]
     proc = run_mpq("evaluate", f"checkpoint={pretrained_run['result']['artifacts']['checkpoint']}", f"policy={path}",
                    f"hydra.run.dir={tmp_path / 'r'}", "tracking.enabled=false", "data.test_fraction=0.1")
-    _one_line(proc, BAD_POLICIES[name][1])
+    _one_line(proc, message, str(path))
+    assert read_json(tmp_path / "r" / "result.json")["status"] == "error"
 
 
 def test_evaluate_under_a_policy_reports_top1_bitops_and_size(pretrained_run, resnet8_policy, tmp_path):
