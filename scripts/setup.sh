@@ -74,10 +74,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing the project and its pinned stack into .venv (first time: a few minutes, ~7 GB)"
-  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
   # (the machine's pip.conf may list local index folders that do not exist: keep their warnings out)
-  "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+  quiet "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+  quiet "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]"
   "$VENV/bin/pip" check >/dev/null
   echo "$want" > "$stamp"
 fi
