@@ -53,6 +53,11 @@ def lsq_fake_quant(
     return _round_ste(torch.clamp(x / s, qn, qp)) * s
 
 
+#: compiled variants per function: tensor rank (conv, linear) x grad mode (train, eval) x whether the
+#: input needs a gradient (the image does not) x per-tensor/per-channel steps, with room to spare
+RECOMPILE_LIMIT = 64
+
+
 class _Compiled:
     """A function compiled on first use, or its eager self where compilation is not possible."""
 
@@ -63,7 +68,14 @@ class _Compiled:
         if not self.disabled:
             try:
                 if self.compiled is None:
+                    import torch._dynamo as dynamo
+
+                    for name in ("recompile_limit", "cache_size_limit"):
+                        if hasattr(dynamo.config, name):
+                            setattr(dynamo.config, name, max(getattr(dynamo.config, name), RECOMPILE_LIMIT))
                     self.compiled = torch.compile(self.fn, dynamic=True)
+                # parameters are passed as plain tensors (a view), so they share the tensors' kernels
+                args = tuple(a.view_as(a) if isinstance(a, torch.nn.Parameter) else a for a in args)
                 return self.compiled(*args)
             except Exception as err:  # no compiler, unsupported platform: keep going, slower
                 self.disabled = True
