@@ -80,6 +80,7 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "train.val_every", 1)
     _int(cfg, "threads", 1, optional=True)
     _int(cfg, "dist.nproc", 1)
+    _int(cfg, "checkpoint_every", 0)
     _positive(cfg, "train.optim.lr")
     _positive(cfg, "train.optim.weight_decay")
     _quant(cfg, "quant")

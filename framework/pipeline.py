@@ -30,6 +30,7 @@ from framework.train.checkpoint import load_checkpoint, load_model_state
 from framework.train.engine import fit, schedule_length
 from framework.train.loop import evaluate, plain_step, resolve_device, seed_everything
 from framework.train.optim import build_optimizer, build_scheduler
+from framework.train.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,18 @@ def run_pretrain(cfg: DictConfig) -> Result:
         "pretrain %s on %s: %d train / %d test samples, %d steps, device %s",
         model_meta["name"], cfg.data.name, len(train_set), len(test_set), total_steps, device,
     )
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        load_model_state(model, resume)
+        optimizer.load_state_dict(resume.training_state["optimizer"])
+        scheduler.load_state_dict(resume.training_state["scheduler"])
     started = time.time()
     try:
         fitted = fit(
             model, train_loader, test_loader, plain_step(model, optimizer, scheduler), device, total_steps, tracker,
             ckpt_dir, meta, val_every=int(cfg.train.get("val_every", 1)),
+            checkpoint_every=int(cfg.get("checkpoint_every") or 0),
+            resume=resume.training_state if resume is not None else None,
             training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
             on_step=lambda step, loss, acc, info: tracker.track("lr", optimizer.param_groups[0]["lr"], step=step, subset="train")
             if step % 10 == 0 else None,
@@ -378,6 +386,12 @@ def run_finetune(cfg: DictConfig) -> Result:
     q_meta = quant_meta(policy, cfg.quant)
     meta = {"stage": stage, "model": model_meta, "data": {"name": str(cfg.data.name), "input_size": geometry.input_size,
             "channels": geometry.in_channels}, "quant": q_meta, "init_checkpoint": str(ckpt.path), "code_version": __version__}
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        load_model_state(model, resume)
+        optimizer.load_state_dict(resume.training_state["optimizer"])
+        scheduler.load_state_dict(resume.training_state["scheduler"])
+        two_pass.load_state_dict(resume.training_state["two_pass"])
     tracker = open_tracker(cfg, stage)
     artifacts = write_policy(policy, run_dir / "policy.json")
     log.info("finetune %s on %s under %s: %.4f GBitOps, %d steps, sharpness %s",
@@ -386,7 +400,8 @@ def run_finetune(cfg: DictConfig) -> Result:
     try:
         tracker.track_image("policy", artifacts["policy_plot"], step=0, subset="train")
         fitted = fit(model, train_loader, test_loader, step_fn, device, total_steps, tracker, run_dir / "checkpoints", meta,
-                     val_every=int(fcfg.get("val_every", 1)),
+                     val_every=int(fcfg.get("val_every", 1)), checkpoint_every=int(cfg.get("checkpoint_every") or 0),
+                     resume=resume.training_state if resume is not None else None,
                      training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                              "two_pass": two_pass.state_dict()})
     finally:

@@ -80,6 +80,7 @@ def _task(cfg) -> None:
     from framework.config_checks import check_config
     from framework.errors import MPQError
     from framework.results import Result, write_result
+    from framework.train.resume import Interrupted
 
     stage = str(cfg.stage)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -90,6 +91,11 @@ def _task(cfg) -> None:
         if cfg.launcher.name != "local":
             raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local")
         _stage_function(stage)(cfg)
+    except Interrupted as err:
+        write_result(run_dir, Result(stage, status="interrupted", artifacts={"checkpoint": str(err.checkpoint)},
+                                     extra={"error": str(err), "step": err.step}), cfg)
+        print(f"mpq {stage}: {err}", file=sys.stderr)
+        sys.exit(143)
     except MPQError as err:
         write_result(run_dir, Result(stage, status="error", extra={"error": str(err)}), cfg)
         print(f"mpq {stage}: error: {err}", file=sys.stderr)

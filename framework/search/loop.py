@@ -48,6 +48,7 @@ from framework.track.figures import plot_bit_probabilities
 from framework.train.checkpoint import load_model_state
 from framework.train.engine import fit, schedule_length
 from framework.train.optim import cosine_with_warmup
+from framework.train.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,17 @@ class SearchStep:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict()}
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict(),
+                "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_w.load_state_dict(state["optimizer_w"])
+        self.opt_a.load_state_dict(state["optimizer_a"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.two_pass.load_state_dict(state["two_pass"])
+        if self.margin_loss is not None and state.get("margin"):
+            self.margin_loss.load_state_dict(state["margin"])
 
     def close(self) -> None:
         if self.features is not None:
@@ -233,12 +244,17 @@ def run_search(cfg: DictConfig) -> Result:
     log.info("search %s (%s) on %s: %d proxy samples, %d steps, budget %s GBitOps",
              model_meta["name"], scfg.method, proxy_cfg.name, len(proxy_train), total_steps,
              f"{budget / 1e9:.4f}" if budget else "none")
+    resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        load_model_state(model, resume)
+        searcher.load_state_dict(resume.training_state)
     started = time.time()
     try:
         fitted = fit(
             model, train_loader, val_loader, searcher, device, total_steps, tracker, run_dir / "checkpoints", meta,
             val_every=1, val_subset="proxy", on_epoch_end=on_epoch_end,
-            training_state=searcher.state_dict,
+            training_state=searcher.state_dict, checkpoint_every=int(cfg.get("checkpoint_every") or 0),
+            resume=resume.training_state if resume is not None else None,
         )
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from framework.data.loaders import EpochSampler
 from framework.track.aim_tracker import NullTracker
 from framework.train.checkpoint import save_checkpoint
 from framework.train.loop import StepFn, evaluate, train_steps
+from framework.train.resume import Interrupted, StopSignals, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -47,51 +49,89 @@ def fit(
     on_step: Callable[[int, float, float, dict], None] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     track_every: int = 10,
+    checkpoint_every: int = 0,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train for `total_steps` steps (whole epochs of `train_loader`, the last one cut short).
 
     After each epoch: validation every `val_every` epochs and after the last (`metrics` tracked
-    with `context.subset = val_subset`), `ckpt_dir/last` (with `training_state()`), and
-    `ckpt_dir/best` at the best validation top-1.
+    with `context.subset = val_subset`), `ckpt_dir/last` (with `training_state()`, the position in
+    the data and the RNG states), and `ckpt_dir/best` at the best validation top-1. Every
+    `checkpoint_every` steps, and when SIGTERM/SIGUSR1 arrives, `last` is also written mid-epoch;
+    after a signal, :class:`Interrupted` is raised. `resume` (the `training.pt` of such a
+    checkpoint, with the model and optimizers already restored by the caller) continues the run
+    at the same step with the same data order.
     """
-    epochs = -(-total_steps // len(train_loader))
+    steps_per_epoch = len(train_loader)
+    sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
+    epochs = -(-total_steps // steps_per_epoch)
     out = FitResult()
-    for epoch in range(1, epochs + 1):
+    start_epoch, skip = 1, 0
+    if resume is not None:
+        position = resume["position"]
+        out.steps, start_epoch, skip = int(position["step"]), int(position["epoch"]), int(position["step_in_epoch"])
+        out.history, out.best, out.final = list(resume["history"]), dict(resume["best"]), dict(resume.get("final") or {})
+        set_rng_state(resume["rng"])
+        log.info("resuming at step %d (epoch %d, step %d of it)", out.steps, start_epoch, skip)
 
-        def tracked_step(i: int, loss: float, acc: float, info: dict, _base=out.steps) -> None:
-            step = _base + i
-            if step % track_every == 0:
-                tracker.track("loss", loss, step=step, subset="train")
-                tracker.track("top1", acc, step=step, subset="train")
-                for key, value in info.items():
-                    if isinstance(value, (int, float)):
-                        tracker.track(key, value, step=step, subset="train")
-            if on_step is not None:
-                on_step(step, loss, acc, info)
+    def save_last(epoch: int, step_in_epoch: int, epoch_meta: dict[str, Any]) -> Path:
+        state = dict(training_state()) if training_state else {}
+        state.update(
+            position={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": out.steps},
+            history=out.history, best=out.best, final=out.final, rng=rng_state(),
+        )
+        return save_checkpoint(ckpt_dir / "last", model, {**epoch_meta, "step": out.steps}, training_state=state)
 
-        stats = train_steps(model, train_loader, step_fn, device, total_steps - out.steps, tracked_step,
-                            desc=f"epoch {epoch}/{epochs}")
-        out.steps += int(stats["steps"])
-        last_epoch = epoch == epochs or out.steps >= total_steps
-        entry: dict[str, Any] = {"epoch": epoch, "step": out.steps, "train_loss": stats["loss"], "train_top1": stats["top1"]}
-        epoch_meta = {**meta, "epoch": epoch, "step": out.steps, "metrics": {}}
-        if epoch % val_every == 0 or last_epoch:
-            val = evaluate(model, test_loader, device, desc="validate")
-            tracker.track("loss", val["loss"], step=out.steps, subset=val_subset)
-            tracker.track("top1", val["top1"], step=out.steps, subset=val_subset)
-            entry.update(val_loss=val["loss"], val_top1=val["top1"])
-            epoch_meta["metrics"] = {"top1": val["top1"], "loss": val["loss"]}
-            out.final = val
-            if val["top1"] > out.best["top1"]:
-                out.best = {"top1": val["top1"], "epoch": epoch, "step": out.steps}
-                save_checkpoint(ckpt_dir / "best", model, epoch_meta)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, entry)
-        save_checkpoint(ckpt_dir / "last", model, epoch_meta, training_state=training_state() if training_state else None)
-        out.history.append(entry)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()})
-        if out.steps >= total_steps:
-            break
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, epochs + 1):
+            first = skip if epoch == start_epoch else 0
+            if sampler is not None:
+                sampler.set_epoch(epoch, first * (train_loader.batch_size or 1))
+            base = out.steps
+            epoch_meta = {**meta, "epoch": epoch, "metrics": {}}
+
+            def tracked_step(i: int, loss: float, acc: float, info: dict, _base=base, _first=first,
+                             _epoch=epoch, _meta=epoch_meta) -> None:
+                step = _base + i
+                out.steps = step
+                if step % track_every == 0:
+                    tracker.track("loss", loss, step=step, subset="train")
+                    tracker.track("top1", acc, step=step, subset="train")
+                    for key, value in info.items():
+                        if isinstance(value, (int, float)):
+                            tracker.track(key, value, step=step, subset="train")
+                if on_step is not None:
+                    on_step(step, loss, acc, info)
+                in_epoch = _first + i
+                if stop.received or (checkpoint_every and step % checkpoint_every == 0 and in_epoch < steps_per_epoch):
+                    path = save_last(_epoch, in_epoch, _meta)
+                    if stop.received:
+                        raise Interrupted(stop.received, path, step)
+
+            stats = train_steps(model, train_loader, step_fn, device, total_steps - out.steps, tracked_step,
+                                desc=f"epoch {epoch}/{epochs}")
+            out.steps = base + int(stats["steps"])
+            last_epoch = epoch == epochs or out.steps >= total_steps
+            entry: dict[str, Any] = {"epoch": epoch, "step": out.steps, "train_loss": stats["loss"], "train_top1": stats["top1"]}
+            if epoch % val_every == 0 or last_epoch:
+                val = evaluate(model, test_loader, device, desc="validate")
+                tracker.track("loss", val["loss"], step=out.steps, subset=val_subset)
+                tracker.track("top1", val["top1"], step=out.steps, subset=val_subset)
+                entry.update(val_loss=val["loss"], val_top1=val["top1"])
+                epoch_meta["metrics"] = {"top1": val["top1"], "loss": val["loss"]}
+                out.final = val
+                if val["top1"] > out.best["top1"]:
+                    out.best = {"top1": val["top1"], "epoch": epoch, "step": out.steps}
+                    save_checkpoint(ckpt_dir / "best", model, {**epoch_meta, "step": out.steps})
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, entry)
+            out.history.append(entry)
+            path = save_last(epoch + 1, 0, epoch_meta)
+            log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()})
+            if stop.received:
+                raise Interrupted(stop.received, path, out.steps)
+            if out.steps >= total_steps:
+                break
     return out
 
 

@@ -1,0 +1,97 @@
+"""Stopping and resuming a training run exactly where it was.
+
+- :class:`StopSignals` turns SIGTERM (sent by `scancel`, a time limit, a preemption) and SIGUSR1
+  (Slurm's warning signal, `--signal=USR1@<seconds>`) into a flag the training loop checks after
+  each step; the loop then saves `checkpoints/last` and raises :class:`Interrupted`.
+- :func:`rng_state` / :func:`set_rng_state` capture the Python, NumPy and torch generators, so the
+  augmentations after a resume are the ones the interrupted run would have drawn.
+- :func:`resume_checkpoint` finds the checkpoint a run directory can resume from (`resume=true`).
+
+Together with the epoch-seeded sampler (framework.data.loaders.EpochSampler), a resumed run
+continues at the same step with the same data order and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from framework.errors import MPQError
+from framework.train.checkpoint import Checkpoint, load_checkpoint
+
+HANDLED = ("SIGTERM", "SIGUSR1")
+
+
+class Interrupted(MPQError):
+    """The run stopped on a signal after writing a checkpoint it can resume from."""
+
+    def __init__(self, signal_name: str, checkpoint: Path, step: int):
+        super().__init__(
+            f"stopped by {signal_name} at step {step}; checkpoint saved at {checkpoint}; "
+            f"run the same command with resume=true (and the same hydra.run.dir) to continue"
+        )
+        self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
+
+
+class StopSignals:
+    """Context manager: record SIGTERM/SIGUSR1 instead of dying (main thread only)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in HANDLED:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, in types `torch.load(weights_only=True)` reads back."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_checkpoint(cfg, run_dir: Path) -> Checkpoint | None:
+    """With `resume=true`, the run directory's `checkpoints/last` if it holds a training state."""
+    if not cfg.get("resume"):
+        return None
+    last = Path(run_dir) / "checkpoints" / "last"
+    if not (last / "training.pt").exists():
+        return None
+    ckpt = load_checkpoint(last, with_training_state=True)
+    if not ckpt.training_state or "position" not in ckpt.training_state:
+        raise MPQError(f"checkpoint {last} cannot be resumed from (no training position); start without resume=true")
+    return ckpt
