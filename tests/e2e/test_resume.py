@@ -90,3 +90,28 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_json(tmp_path / "result.json")["status"] == "ok"
     _assert_same_weights(tmp_path, uninterrupted)
+
+
+def test_asga_search_resumes_with_its_radius_and_gives_the_same_policy(tmp_path, pretrained_run):
+    args = ["search", "search=seam_asga", f"init_checkpoint={pretrained_run['result']['artifacts']['checkpoint']}",
+            "proxy.per_class=30", "proxy.test_fraction=0.05", "search.batch_size=30", "search.epochs=2",
+            "tracking.enabled=false", "checkpoint_every=3"]
+    reference = tmp_path / "reference"
+    proc = run_mpq(*args, f"hydra.run.dir={reference}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    killed = subprocess.Popen([MPQ, *args, f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _checkpoint_step(run_dir) >= 3, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert 3 <= _checkpoint_step(run_dir) < 20
+    resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = read_json(reference / "result.json"), read_json(run_dir / "result.json")
+    assert a["metrics"]["rho"] == b["metrics"]["rho"]
+    assert a["metrics"]["expected_gbitops"] == b["metrics"]["expected_gbitops"]
+    assert read_json(reference / "policy.json")["layers"] == read_json(run_dir / "policy.json")["layers"]
+    _assert_same_weights(reference, run_dir)
