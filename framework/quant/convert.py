@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from framework.quant.cost import LayerCost
-from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear
+from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear, _copy_float
 from framework.quant.quantizers import FULL_PRECISION
 
 
@@ -100,22 +100,8 @@ def supernet_to_fixed(supernet: nn.Module, bits: Mapping[str, tuple[int, int]], 
     for name, (w_bits, a_bits) in bits.items():
         module = supernet.get_submodule(name)
         if isinstance(module, (SearchConv2d, SearchLinear)):
-            float_cls = nn.Conv2d if isinstance(module, SearchConv2d) else nn.Linear
-            plain = _plain_copy(module, float_cls)
+            plain = _copy_float(nn.Conv2d if isinstance(module, SearchConv2d) else nn.Linear, module)
             new = plain if (w_bits, a_bits) == (FULL_PRECISION, FULL_PRECISION) else _to_fixed(plain, w_bits, a_bits, qcfg)
             new.macs = module.macs
             replace_module(supernet, name, new)
     return supernet
-
-
-def _plain_copy(module: nn.Module, float_cls: type) -> nn.Module:
-    if float_cls is nn.Conv2d:
-        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                          module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                          dtype=module.weight.dtype)
-    else:
-        plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, dtype=module.weight.dtype)
-    plain.weight.data.copy_(module.weight.data)
-    if module.bias is not None:
-        plain.bias.data.copy_(module.bias.data)
-    return plain.to(module.weight.device)

@@ -36,6 +36,18 @@ from framework.quant.quantizers import (
 )
 
 
+def _copy_float(cls: type, module: nn.Module) -> nn.Module:
+    """An instance of `cls` (a subclass of the module's float class) with the same geometry and weights."""
+    kwargs = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, nn.Conv2d):
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode, **kwargs)
+    else:
+        layer = cls(module.in_features, module.out_features, module.bias is not None, **kwargs)
+    layer.load_state_dict(module.state_dict(), strict=False)
+    return layer
+
+
 class _QuantMixin:
     """Shared by fixed-precision layers: the input and weight quantizers and their bits."""
 
@@ -77,11 +89,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, qcfg) -> QConv2d:
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        layer.load_state_dict(conv.state_dict(), strict=False)
+        layer = _copy_float(cls, conv)
         layer._init_quant(w_bits, a_bits, qcfg, conv.out_channels)
         return layer.to(conv.weight.device)
 
@@ -94,9 +102,7 @@ class QLinear(_QuantMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, qcfg) -> QLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.load_state_dict(linear.state_dict(), strict=False)
+        layer = _copy_float(cls, linear)
         layer._init_quant(w_bits, a_bits, qcfg, linear.out_features)
         return layer.to(linear.weight.device)
 
@@ -179,11 +185,7 @@ class SearchConv2d(_SearchMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_candidates, a_candidates, qcfg) -> SearchConv2d:
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        layer.load_state_dict(conv.state_dict(), strict=False)
+        layer = _copy_float(cls, conv)
         layer._init_search(w_candidates, a_candidates, qcfg, conv.out_channels)
         return layer.to(conv.weight.device)
 
@@ -197,9 +199,7 @@ class SearchLinear(_SearchMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, w_candidates, a_candidates, qcfg) -> SearchLinear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.load_state_dict(linear.state_dict(), strict=False)
+        layer = _copy_float(cls, linear)
         layer._init_search(w_candidates, a_candidates, qcfg, linear.out_features)
         return layer.to(linear.weight.device)
 
