@@ -62,8 +62,15 @@ ours() {
   return 1
 }
 
-# running NAME: some process called NAME runs (started by us or not).
-running() { pgrep -x "$1" >/dev/null 2>&1; }
+# running NAME: some live process called NAME runs (started by us or not). Zombies do not count:
+# a daemon that just exited may stay listed until init reaps it.
+running() {
+  local pid
+  for pid in $(pgrep -x "$1" 2>/dev/null || true); do
+    pid_alive "$pid" "$1" && return 0
+  done
+  return 1
+}
 
 # remove_stale_pidfile FILE NAME: delete FILE if the pid in it is not a live NAME.
 remove_stale_pidfile() {
@@ -105,5 +112,22 @@ stop_ours() {
     pid_alive "$pid" "$name" && die "$name: pid $pid survived SIGKILL"
   fi
   rm -f "$STARTED/$name"
+  STOPPED_PIDS+=("$pid")
   log "$name: stopped"
+}
+STOPPED_PIDS=()
+
+# reap_wait SECONDS: wait for the processes stop_ours stopped to leave the process table (an
+# exited daemon stays a zombie until init reaps it; here init does so after a moment).
+reap_wait() {
+  local i pid left
+  for ((i = 0; i < $1 * 10; i++)); do
+    left=""
+    for pid in "${STOPPED_PIDS[@]}"; do
+      [ -e "/proc/$pid" ] && left+="$pid "
+    done
+    [ -z "$left" ] && return 0
+    sleep 0.1
+  done
+  log "exited but not yet reaped by init (zombies, harmless): $left"
 }

@@ -9,7 +9,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$HERE/common.sh"
 
 require_root
@@ -74,4 +74,5 @@ stop_ours mariadbd
 stop_ours munged
 
 cleanup_pidfiles
+[ ${#STOPPED_PIDS[@]} -eq 0 ] || reap_wait 5
 log "down (configuration, logs and accounting database kept in $STATE)"

@@ -11,7 +11,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 . "$HERE/common.sh"
 
 require_root
@@ -100,12 +100,17 @@ mem="$(env -u SLURM_CONF slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9][
 mem=$((mem * 95 / 100))
 
 # Bind the daemons' listening sockets to the address the host name resolves to (instead of
-# 0.0.0.0) when that address is a loopback one: Slurm binds to what gethostname() resolves to.
+# 0.0.0.0) when that address is a loopback one: Slurm binds to what getaddrinfo() gives for the
+# host name. Inside a loopback-only network namespace (the test suite's `unshare -n`)
+# getaddrinfo's AI_ADDRCONFIG finds no IPv4 address at all, Slurm could not resolve its own name
+# with those options, and "all addresses" is loopback only anyway: no options there.
 comm_params="" dbd_comm_params=""
-host_addr="$(getent ahostsv4 "$(hostname)" 2>/dev/null | awk 'NR == 1 {print $1}')"
+host_addr="$({ getent ahostsv4 "$(hostname)" 2>/dev/null || true; } | awk 'NR == 1 {print $1}')"
 if [[ "$host_addr" == 127.* ]]; then
   comm_params="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
   dbd_comm_params="CommunicationParameters=NoInAddrAny" # undocumented there, but read (22.05)
+elif [ -z "$host_addr" ] && ! ip -o -4 addr show scope global 2>/dev/null | grep -q .; then
+  log "loopback-only network namespace: the daemons listen on all addresses, which here are loopback only"
 else
   warn "$(hostname) resolves to '${host_addr:-nothing}', not a loopback address: the Slurm daemons will listen on all addresses"
 fi
@@ -133,6 +138,7 @@ MpiDefault=none
 MailProg=/bin/true
 SwitchType=switch/none
 SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
