@@ -88,8 +88,13 @@ def _task(cfg) -> None:
         cfg.run_dir = str(run_dir)
     try:
         check_config(cfg)
+        if cfg.launcher.name == "slurm":
+            from launchers.slurm import submit_stage
+
+            submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir)
+            return
         if cfg.launcher.name != "local":
-            raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local")
+            raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local or slurm")
         _stage_function(stage)(cfg)
     except Interrupted as err:
         write_result(run_dir, Result(stage, status="interrupted", artifacts={"checkpoint": str(err.checkpoint)},

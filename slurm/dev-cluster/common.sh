@@ -3,7 +3,15 @@
 # the single-node development Slurm cluster.
 
 STATE="${MPQ_SLURM_STATE:-/var/lib/mpq-dev-cluster}"
-CLUSTER="${MPQ_SLURM_CLUSTER:-mpqdev}"
+# One accounting cluster per state folder: job ids restart at 1 with a new folder, and records of
+# another folder's job 1 in the shared accounting database must never answer for this one's.
+if [ -n "${MPQ_SLURM_CLUSTER:-}" ]; then
+  CLUSTER="$MPQ_SLURM_CLUSTER"
+elif [ "$STATE" = "/var/lib/mpq-dev-cluster" ]; then
+  CLUSTER="mpqdev"
+else
+  CLUSTER="mpq$(printf '%s' "$STATE" | cksum | cut -d' ' -f1)"
+fi
 PARTITION="${MPQ_SLURM_PARTITION:-debug}"
 CPUS="${MPQ_SLURM_CPUS:-4}"                        # declared CPUs (config_overrides: may exceed the real count)
 UP_TIMEOUT="${MPQ_SLURM_TIMEOUT:-60}"              # seconds up.sh waits for the cluster

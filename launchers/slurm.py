@@ -1,0 +1,95 @@
+"""`launcher=slurm`: run a stage as a Slurm job through submitit, wait for it, keep its result.
+
+The job runs the same `mpq <stage> ...` command in-process on the allocated node with
+`launcher=local`, the submitting side's run directory (`hydra.run.dir`), and `resume=true`: a job
+that Slurm requeues (`scontrol requeue`, preemption, or submitit's own requeue when the time limit
+approaches, via :meth:`StageJob.checkpoint`) receives SIGTERM, saves `checkpoints/last`, and its
+next start continues from there instead of from step 0. By default the command waits for the job,
+prints its id, and reports a cancelled or failed job as an error, never waiting forever: without
+accounting Slurm forgets finished jobs, so a time limit bounds the wait (`launcher.max_wait_min`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from framework.errors import MPQError
+
+
+class StageJob:
+    """The callable submitit pickles: one `mpq` stage, resumable."""
+
+    def __init__(self, stage: str, overrides: list[str], run_dir: str):
+        self.stage, self.overrides, self.run_dir = stage, list(overrides), str(run_dir)
+
+    def argv(self) -> list[str]:
+        def key(override: str) -> str:
+            return override.split("=", 1)[0].lstrip("+~")
+
+        kept = [o for o in self.overrides
+                if key(o) not in ("launcher", "hydra.run.dir", "resume", "stage") and not key(o).startswith("launcher.")]
+        return [self.stage, *kept, "launcher=local", f"hydra.run.dir={self.run_dir}", "resume=true"]
+
+    def __call__(self) -> dict[str, Any]:
+        import json
+
+        from launchers.cli import main
+
+        try:
+            main(self.argv())
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise
+        return json.loads((Path(self.run_dir) / "result.json").read_text())
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit calls this before the time limit: requeue the same job (it resumes)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.overrides, self.run_dir))
+
+
+def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
+    """Submit `stage` as a Slurm job; with `launcher.wait`, wait and check how it ended."""
+    import submitit
+
+    lcfg = cfg.launcher
+    run_dir = Path(run_dir).resolve()
+    executor = submitit.AutoExecutor(folder=str(run_dir / "slurm"), cluster="slurm")
+    params: dict[str, Any] = {
+        "name": f"mpq-{stage}",
+        "timeout_min": int(lcfg.timeout_min),
+        "nodes": int(lcfg.nodes),
+        "tasks_per_node": int(lcfg.tasks_per_node),
+        "cpus_per_task": int(lcfg.cpus_per_task),
+        "slurm_signal_delay_s": int(lcfg.signal_delay_s),
+    }
+    if lcfg.get("partition"):
+        params["slurm_partition"] = str(lcfg.partition)
+    executor.update_parameters(**params)
+    try:
+        job = executor.submit(StageJob(stage, overrides, str(run_dir)))
+    except Exception as err:  # sbatch missing, no controller, bad partition
+        raise MPQError(f"could not submit the Slurm job ({type(err).__name__}: {str(err).strip().splitlines()[-1]}); "
+                       f"is the cluster reachable (sinfo)?") from None
+    print(f"mpq {stage}: submitted Slurm job {job.job_id} (logs in {run_dir / 'slurm'})", flush=True)
+    if not lcfg.get("wait", True):
+        return
+    deadline = time.time() + 60 * float(lcfg.get("max_wait_min") or (2 * int(lcfg.timeout_min) + 5))
+    while not job.done():
+        if time.time() > deadline:
+            raise MPQError(f"Slurm job {job.job_id} has not finished within launcher.max_wait_min; it is {job.state}")
+        time.sleep(float(lcfg.get("poll_seconds", 2)))
+    try:
+        result = job.result()  # the job's own return value: present only if the stage finished
+    except Exception:
+        state = str(job.state)
+        if state.startswith("CANCELLED"):
+            raise MPQError(f"Slurm job {job.job_id} was cancelled ({state})") from None
+        tail = [line for line in (job.stderr() or "").strip().splitlines() if line.strip()][-2:]
+        raise MPQError(f"Slurm job {job.job_id} ended {state}: {' | '.join(tail) or 'see ' + str(run_dir / 'slurm')}") from None
+    print(f"mpq {stage}: Slurm job {job.job_id} finished with status {result.get('status')}; "
+          f"result in {run_dir / 'result.json'}", file=sys.stderr)

@@ -1,0 +1,79 @@
+"""`launcher=slurm` on the development cluster: a stage runs as a job, a requeued job resumes from
+its checkpoint, and a cancelled job is reported as such."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from framework.paths import REPO_ROOT
+from tests.conftest import MPQ, read_json, run_mpq
+
+
+def _start(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start `mpq ... launcher=slurm` and return it with the id of the job it submitted."""
+    proc = subprocess.Popen([MPQ, *args, "launcher=slurm", "launcher.poll_seconds=0.5", "tracking.enabled=false"],
+                            cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "submitted Slurm job" in line, line + proc.stderr.read()[-2000:]
+    return proc, line.split("Slurm job ")[1].split()[0]
+
+
+def _scontrol(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["scontrol", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+
+
+def _step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_a_stage_runs_as_a_slurm_job(slurm_cluster, tmp_path):
+    proc = run_mpq("pretrain", "experiment=smoke", "launcher=slurm", "launcher.poll_seconds=0.5",
+                   f"hydra.run.dir={tmp_path}", "tracking.enabled=false", env=slurm_cluster, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "submitted Slurm job" in proc.stdout
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "ok" and result["metrics"]["steps"] == 20
+    assert result["config"]["launcher"]["name"] == "local"  # what ran inside the job
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    proc, job = _start(slurm_cluster, "pretrain", "data.fraction=0.05", "data.test_fraction=0.05", "train.epochs=3",
+                       "checkpoint_every=5", f"hydra.run.dir={tmp_path}")
+    deadline = time.time() + 180
+    while _step(tmp_path) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.1)
+    assert _scontrol(slurm_cluster, "requeue", job).returncode == 0
+    # a requeued job waits for a begin time (minutes): once it is pending again, let it start at once
+    requeued = False
+    while True:
+        info = _scontrol(slurm_cluster, "show", "job", job).stdout
+        requeued = requeued or any(f"JobState={s}" in info for s in ("PENDING", "REQUEUED", "COMPLETING"))
+        if "Reason=BeginTime" in info:
+            _scontrol(slurm_cluster, "update", f"jobid={job}", "StartTime=now")
+        if (requeued and "JobState=RUNNING" in info) or "JobState=COMPLETED" in info:
+            break
+        assert time.time() < deadline, info
+        time.sleep(0.3)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    log = (tmp_path / "pretrain.log").read_text()
+    assert "stopped by SIGTERM" in (tmp_path / "slurm" / f"{job}_0_log.err").read_text()
+    resumed_at = int(log.split("resuming at step ")[1].split()[0])
+    assert resumed_at >= 5
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "ok" and result["metrics"]["steps"] == 3 * (3000 // 128)
+
+
+def test_a_cancelled_job_is_reported_not_waited_on(slurm_cluster, tmp_path):
+    proc, job = _start(slurm_cluster, "pretrain", "data.fraction=0.05", "train.epochs=50", f"hydra.run.dir={tmp_path}")
+    subprocess.run(["scancel", job], env={**os.environ, **slurm_cluster}, check=True, timeout=30)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert f"Slurm job {job} was cancelled" in stderr
+    assert read_json(tmp_path / "result.json")["status"] == "error"
