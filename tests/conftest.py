@@ -72,6 +72,14 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of `run_dir/checkpoints/last` (-1 while there is none, or it is being replaced)."""
+    try:
+        return json.loads((Path(run_dir) / "checkpoints" / "last" / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory):
     """The acceptance command of the spine, run once: `mpq pretrain data.fraction=0.05 model=resnet8 train.epochs=1`."""

@@ -1,6 +1,5 @@
 """A killed run resumes where it was: same steps, same data order, same final weights."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from framework.paths import REPO_ROOT
-from tests.conftest import MPQ, read_json, run_mpq
+from tests.conftest import MPQ, checkpoint_step, read_json, run_mpq
 
 ARGS = ["pretrain", "data.fraction=0.05", "data.test_fraction=0.05", "train.epochs=3", "tracking.enabled=false"]
 
@@ -48,19 +47,12 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.05)
 
 
-def _checkpoint_step(run_dir: Path) -> int:
-    try:
-        return json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, uninterrupted):
     proc = _start(tmp_path, "checkpoint_every=5")
-    _wait_for(lambda: _checkpoint_step(tmp_path) >= 5, proc)
+    _wait_for(lambda: checkpoint_step(tmp_path) >= 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    killed_at = _checkpoint_step(tmp_path)
+    killed_at = checkpoint_step(tmp_path)
     total = read_json(uninterrupted / "result.json")["metrics"]["steps"]
     assert 5 <= killed_at < total
 
@@ -103,10 +95,10 @@ def test_asga_search_resumes_with_its_radius_and_gives_the_same_policy(tmp_path,
     run_dir = tmp_path / "killed"
     killed = subprocess.Popen([MPQ, *args, f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _checkpoint_step(run_dir) >= 3, killed)
+    _wait_for(lambda: checkpoint_step(run_dir) >= 3, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=30)
-    assert 3 <= _checkpoint_step(run_dir) < 20
+    assert 3 <= checkpoint_step(run_dir) < 20
     resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 

@@ -1,14 +1,12 @@
 """`launcher=slurm` on the development cluster: a stage runs as a job, a requeued job resumes from
 its checkpoint, and a cancelled job is reported as such."""
 
-import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 from framework.paths import REPO_ROOT
-from tests.conftest import MPQ, read_json, run_mpq
+from tests.conftest import MPQ, checkpoint_step, read_json, run_mpq
 
 
 def _start(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
@@ -22,13 +20,6 @@ def _start(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
 
 def _scontrol(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["scontrol", *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
-
-
-def _step(run_dir: Path) -> int:
-    try:
-        return json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return -1
 
 
 def test_a_stage_runs_as_a_slurm_job(slurm_cluster, tmp_path):
@@ -45,7 +36,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     proc, job = _start(slurm_cluster, "pretrain", "data.fraction=0.05", "data.test_fraction=0.05", "train.epochs=3",
                        "checkpoint_every=5", f"hydra.run.dir={tmp_path}")
     deadline = time.time() + 180
-    while _step(tmp_path) < 5:
+    while checkpoint_step(tmp_path) < 5:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.1)
     assert _scontrol(slurm_cluster, "requeue", job).returncode == 0
