@@ -245,12 +245,12 @@ def run_evaluate(cfg: DictConfig) -> Result:
     finally:
         tracker.close()
     metrics = {"top1": val["top1"], "loss": val["loss"], "samples": val["samples"], "seconds": round(time.time() - started, 2)}
-    if policy is None:
-        float_model = _build_model(model_meta)
-        traced = trace_layers(float_model, geometry.input_size, geometry.in_channels)
-        policy_metrics = policy_cost(traced, {layer.name: (32, 32) for layer in traced}, float_parameter_count(float_model))
+    total_params = float_parameter_count(model)  # quantizer steps and ranges are not counted
+    if policy is None:  # a float model: trace it as it is
+        traced = trace_layers(model, geometry.input_size, geometry.in_channels)
+        policy_metrics = policy_cost(traced, {layer.name: (32, 32) for layer in traced}, total_params)
     else:
-        policy_metrics = policy_cost(layers, policy.bits(), float_parameter_count(_build_model(model_meta)))
+        policy_metrics = policy_cost(layers, policy.bits(), total_params)
         metrics.update({f"avg_{k}": v for k, v in policy.average_bits().items()})
     metrics.update(bitops=policy_metrics["bitops"], gbitops=policy_metrics["gbitops"], size_mb=policy_metrics["size_mb"],
                    macs=policy_metrics["macs"], input_size=geometry.input_size)

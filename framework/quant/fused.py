@@ -20,11 +20,9 @@ import logging
 
 import torch
 
+from framework.quant.quantizers import round_ste
+
 log = logging.getLogger(__name__)
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 def mixed_learned_range(
@@ -36,7 +34,7 @@ def mixed_learned_range(
         r = ranges[i]
         clipped = torch.maximum(torch.minimum(x, r), -r) if signed else torch.minimum(torch.relu(x), r)
         step = r / level
-        term = probs[i] * (_round_ste(clipped / step) * step)
+        term = probs[i] * (round_ste(clipped / step) * step)
         out = term if out is None else out + term
     return out
 
@@ -50,7 +48,7 @@ def lsq_fake_quant(
     kernel serves every bit-width."""
     scaled = step * grad_scale
     s = (step - scaled).detach() + scaled
-    return _round_ste(torch.clamp(x / s, qn, qp)) * s
+    return round_ste(torch.clamp(x / s, qn, qp)) * s
 
 
 #: compiled variants per function: tensor rank (conv, linear) x grad mode (train, eval) x whether the

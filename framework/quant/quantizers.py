@@ -37,12 +37,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x forward, gradient multiplied by `factor` backward (LSQ's step-size gradient scale)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
-
-
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
     """(Qn, Qp) of a `bits`-bit integer grid."""
     if signed:

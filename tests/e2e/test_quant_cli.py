@@ -95,7 +95,7 @@ def test_malformed_json_through_cost(tmp_path):
 
 @pytest.fixture(scope="module")
 def resnet8_policy(tmp_path_factory):
-    """A mixed resnet8 policy written by `mpq cost` at the Fashion-MNIST geometry."""
+    """A uniform 4/4 resnet8 policy written by `mpq cost` at the Fashion-MNIST geometry."""
     run_dir = tmp_path_factory.mktemp("r8cost")
     proc = run_mpq("cost", "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4",
                    f"hydra.run.dir={run_dir}", "tracking.enabled=false")
