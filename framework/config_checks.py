@@ -80,6 +80,16 @@ def check_config(cfg: DictConfig) -> None:
     _int(cfg, "train.val_every", 1)
     _int(cfg, "threads", 1, optional=True)
     _int(cfg, "dist.nproc", 1)
+    _int(cfg, "dist.gradient_accumulation", 1)
+    _int(cfg, "dist.micro_batch", 1, optional=True)
+    _one_of(cfg, "dist.zero_stage", (0, 1, 2, 3))
+    _one_of(cfg, "dist.precision", ("auto", "fp32", "bf16", "fp16"))
+    _one_of(cfg, "dist.backend", ("auto", "gloo", "nccl"))
+    if _get(cfg, "dist.zero_stage") == 3 and _get(cfg, "stage") in ("pretrain", "finetune", "pipeline"):
+        from framework.dist.engine import check_zero_stage
+
+        sharpness = _get(cfg, "finetune.sharpness.name")
+        check_zero_stage(3, two_pass=_get(cfg, "stage") != "pretrain" and sharpness not in (None, "none"))
     _int(cfg, "checkpoint_every", 0)
     _positive(cfg, "train.optim.lr")
     _positive(cfg, "train.optim.weight_decay")

@@ -5,8 +5,12 @@ Users may still override any of these variables explicitly.
 """
 
 import os
+import sys
 
 _DEFAULTS = {
+    # DeepSpeed JIT-builds a small C++ op on the CPU (once); keep the build beside this venv, since
+    # a cache shared by name between venvs is rebuilt whenever another venv uses it
+    "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions"),
     "RAY_USAGE_STATS_ENABLED": "0",
     "AIM_UI_TELEMETRY_ENABLED": "0",
     "AIM_TELEMETRY_ENABLED": "0",

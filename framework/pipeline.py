@@ -24,12 +24,11 @@ from framework.policy import Policy, policy_from_dict, validate_policy, write_po
 from framework.quant.apply import Geometry, quant_meta, quantize_with_policy, resolve_policy
 from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result, write_result
-from framework.sharpness import TwoPassOptimizer, build_rule
+from framework.dist.process_group import open_process_group
 from framework.track import open_tracker
 from framework.train.checkpoint import load_checkpoint, load_model_state
-from framework.train.engine import fit, schedule_length
-from framework.train.loop import evaluate, plain_step, resolve_device, seed_everything
-from framework.train.optim import build_optimizer, build_scheduler
+from framework.train.data_parallel import train_on_target
+from framework.train.loop import evaluate, resolve_device, seed_everything
 from framework.train.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,9 +62,14 @@ def load_full_precision_checkpoint(cfg: DictConfig, stage: str):
 
 
 def _set_threads(cfg: DictConfig) -> None:
-    import torch
+    """`threads`, or, for one of several torchrun processes on this node, an equal share of the cores
+    (Slurm tasks are already bound to their own cores)."""
+    import os
 
     threads = cfg.get("threads")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if not threads and local_world > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // local_world)
     if threads:
         torch.set_num_threads(int(threads))
 
@@ -88,30 +92,20 @@ def _build_model(meta: dict[str, Any], weights: str | None = None):
 
 
 def run_pretrain(cfg: DictConfig) -> Result:
-    """Full-precision training of `cfg.model` on the target data `cfg.data`.
+    """Full-precision training of `cfg.model` on the target data `cfg.data`, through DeepSpeed.
 
-    SGD or AdamW with a cosine schedule, validation on the test split every `train.val_every`
-    epochs, `checkpoints/last` after every epoch and `checkpoints/best` at the best validation top-1.
-    `metrics.top1` is the top-1 of the final model on the test split.
+    SGD or AdamW with a cosine schedule on the global batch `train.batch_size` (split over
+    `dist.nproc` processes and `dist.gradient_accumulation` steps), validation on the test split
+    every `train.val_every` epochs, `checkpoints/last` after every epoch and `checkpoints/best` at
+    the best validation top-1. `metrics.top1` is the top-1 of the final model on the test split.
     """
     stage = "pretrain"
     run_dir, device = prepare_stage(cfg, stage)
-
     train_set = build_dataset(cfg.data, "train")
     test_set = build_dataset(cfg.data, "test")
     num_classes = train_set.mpq_info["num_classes"]
-    train_loader = build_loader(train_set, cfg.train.batch_size, True, cfg.data, seed=int(cfg.seed))
-    test_loader = build_loader(test_set, cfg.train.eval_batch_size, False, cfg.data)
-    if len(train_loader) == 0:
-        raise MPQError(f"the training set has {len(train_set)} samples, fewer than one batch; raise data.fraction")
-
     model_meta = _model_meta(cfg, num_classes)
     model = _build_model(model_meta, cfg.model.get("weights")).to(device)
-    total_steps = schedule_length(train_loader, cfg.train.epochs, cfg.train.get("max_steps"))
-    optimizer = build_optimizer(model, cfg.train.optim)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.train.optim)
-
-    tracker = open_tracker(cfg, stage)
     meta = {
         "stage": stage,
         "model": model_meta,
@@ -120,49 +114,49 @@ def run_pretrain(cfg: DictConfig) -> Result:
         "code_version": __version__,
     }
     ckpt_dir = run_dir / "checkpoints"
-    log.info(
-        "pretrain %s on %s: %d train / %d test samples, %d steps, device %s",
-        model_meta["name"], cfg.data.name, len(train_set), len(test_set), total_steps, device,
-    )
-    resume = resume_checkpoint(cfg, run_dir)
-    if resume is not None:
-        load_model_state(model, resume)
-        optimizer.load_state_dict(resume.training_state["optimizer"])
-        scheduler.load_state_dict(resume.training_state["scheduler"])
-    started = time.time()
-    try:
-        fitted = fit(
-            model, train_loader, test_loader, plain_step(model, optimizer, scheduler), device, total_steps, tracker,
-            ckpt_dir, meta, val_every=int(cfg.train.get("val_every", 1)),
-            checkpoint_every=int(cfg.get("checkpoint_every") or 0),
-            resume=resume.training_state if resume is not None else None,
-            training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            on_step=lambda step, loss, acc, info: tracker.track("lr", optimizer.param_groups[0]["lr"], step=step, subset="train")
-            if step % 10 == 0 else None,
-        )
-    finally:
-        tracker.close()
-    val, best, history, step = fitted.final, fitted.best, fitted.history, fitted.steps
-    elapsed = time.time() - started
+    with open_process_group(device, cfg.dist.get("backend", "auto"), cfg.dist.get("timeout_min", 30)) as ranks:
+        log.info("pretrain %s on %s: %d train / %d test samples, device %s, rank %d of %d",
+                 model_meta["name"], cfg.data.name, len(train_set), len(test_set), device, ranks.rank, ranks.world_size)
+        resume = resume_checkpoint(cfg, run_dir)
+        tracker = open_tracker(cfg, stage, main=ranks.is_main)
+        started = time.time()
+        try:
+            trained = train_on_target(cfg, model=model, train_set=train_set, test_set=test_set, data_cfg=cfg.data,
+                                      train_cfg=cfg.train, batch_key="train.batch_size", meta=meta, run_dir=run_dir,
+                                      device=device, ranks=ranks, tracker=tracker, resume=resume)
+        finally:
+            tracker.close()
+    fitted = trained.fitted
     metrics = {
-        "top1": val["top1"],
-        "loss": val["loss"],
-        "best_top1": best["top1"],
-        "best_epoch": best.get("epoch"),
-        "steps": step,
-        "epochs": len(history),
+        "top1": fitted.final["top1"],
+        "loss": fitted.final["loss"],
+        "best_top1": fitted.best["top1"],
+        "best_epoch": fitted.best.get("epoch"),
+        "steps": fitted.steps,
+        "epochs": len(fitted.history),
         "train_samples": len(train_set),
         "test_samples": len(test_set),
-        "seconds": round(elapsed, 2),
+        "global_batch": trained.geometry.global_batch,
+        "seconds": round(time.time() - started, 2),
     }
     result = Result(
         stage,
         metrics=metrics,
         artifacts={"checkpoint": str(ckpt_dir / "last"), "best_checkpoint": str(ckpt_dir / "best")},
-        extra={"history": history, "data": train_set.mpq_info, "tracking": tracker.info(), "world_size": 1},
+        extra={"history": fitted.history, "data": train_set.mpq_info, "tracking": tracker.info(),
+               **_distribution(trained, cfg)},
     )
-    write_result(run_dir, result, cfg)
+    if ranks.is_main:
+        write_result(run_dir, result, cfg)
     return result
+
+
+def _distribution(trained, cfg: DictConfig) -> dict[str, Any]:
+    """What result.json records of how a run was distributed."""
+    g = trained.geometry
+    return {"world_size": g.world_size, "distributed": {
+        "world_size": g.world_size, "micro_batch": g.micro_batch, "gradient_accumulation": g.accumulation,
+        "global_batch": g.global_batch, "zero_stage": int(cfg.dist.get("zero_stage", 0)), "engine": "deepspeed"}}
 
 
 def _checkpoint_geometry(ckpt, cfg: DictConfig) -> Geometry:
@@ -327,10 +321,13 @@ def run_finetune(cfg: DictConfig) -> Result:
     """Quantization-aware fine-tuning of the target model under `cfg.policy` from `cfg.init_checkpoint`.
 
     The policy (a `policy.json` or `uniform:W/A`) is validated against the model; LSQ quantizers
-    (`cfg.quant`) are initialised on one training batch; SGD/AdamW with a cosine schedule, or a
-    two-pass rule (`finetune.sharpness`: SAQ cases 1-3, SAM, ASAM, ASGA; `period` k for the periodic
-    variant). Checkpoints record the policy and quantizer state, so `mpq evaluate` rebuilds the model.
-    `metrics`: top-1 on the target's test split, BitOps and size at the target input size.
+    (`cfg.quant`) are initialised on one training batch (the same on every rank); training runs
+    through DeepSpeed on the global batch `finetune.batch_size` with SGD/AdamW and a cosine
+    schedule, or a two-pass rule (`finetune.sharpness`: SAQ cases 1-3, SAM, ASAM, ASGA; `period` k
+    for the periodic variant; see :class:`framework.sharpness.EngineTwoPass` for its meaning under
+    data parallelism). Checkpoints record the policy and quantizer state, so `mpq evaluate`
+    rebuilds the model. `metrics`: top-1 on the target's test split, BitOps and size at the
+    target input size.
     """
     stage = "finetune"
     fcfg = cfg.finetune
@@ -347,74 +344,45 @@ def run_finetune(cfg: DictConfig) -> Result:
     if train_set.mpq_info["num_classes"] != model_meta["num_classes"]:
         raise MPQError(f"checkpoint {ckpt.path} predicts {model_meta['num_classes']} classes but data '{cfg.data.name}' "
                        f"has {train_set.mpq_info['num_classes']}; fine-tune on the target it was trained on")
-    train_loader = build_loader(train_set, int(fcfg.batch_size), True, data_cfg, seed=int(cfg.seed))
-    test_loader = build_loader(test_set, cfg.train.eval_batch_size, False, data_cfg)
 
     policy, layers = resolve_policy(str(cfg.policy), model_meta["name"], lambda: _build_model(model_meta), geometry, cfg.quant)
     model = _build_model(model_meta)
     load_model_state(model, ckpt)
     quantize_with_policy(model, policy, cfg.quant, layers)
     model.to(device)
-    calibrate(model, train_loader, device)
-
-    total_steps = schedule_length(train_loader, int(fcfg.epochs), fcfg.get("max_steps"))
-    optimizer = build_optimizer(model, fcfg.optim)
-    scheduler = build_scheduler(optimizer, total_steps, fcfg.optim)
-    sharp = fcfg.sharpness
-    saq_case = int(sharp.get("saq_case", 3)) if str(sharp.get("name")) == "saq" else None
-    try:
-        rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
-        two_pass = TwoPassOptimizer(model, [optimizer], rule, period=int(sharp.get("period", 1) or 1), saq_case=saq_case)
-    except ValueError as err:
-        raise MPQError(f"finetune.sharpness: {err}") from None
-    criterion = torch.nn.CrossEntropyLoss()
-
-    def step_fn(images, labels):
-        outputs = []
-
-        def closure():
-            out = model(images)
-            outputs.append(out.detach())
-            loss = criterion(out, labels)
-            loss.backward()
-            return loss
-
-        info = two_pass.step(closure)
-        scheduler.step()
-        return torch.tensor(info["loss"]), outputs[0], info
+    calibrate(model, build_loader(train_set, int(fcfg.batch_size), True, data_cfg, seed=int(cfg.seed)), device)
 
     q_meta = quant_meta(policy, cfg.quant)
     meta = {"stage": stage, "model": model_meta, "data": {"name": str(cfg.data.name), "input_size": geometry.input_size,
             "channels": geometry.in_channels}, "quant": q_meta, "init_checkpoint": str(ckpt.path), "code_version": __version__}
-    resume = resume_checkpoint(cfg, run_dir)
-    if resume is not None:
-        load_model_state(model, resume)
-        optimizer.load_state_dict(resume.training_state["optimizer"])
-        scheduler.load_state_dict(resume.training_state["scheduler"])
-        two_pass.load_state_dict(resume.training_state["two_pass"])
-    tracker = open_tracker(cfg, stage)
-    artifacts = write_policy(policy, run_dir / "policy.json")
-    log.info("finetune %s on %s under %s: %.4f GBitOps, %d steps, sharpness %s",
-             model_meta["name"], cfg.data.name, cfg.policy, policy.cost["target"].gbitops, total_steps, sharp.get("name"))
-    started = time.time()
-    try:
-        tracker.track_image("policy", artifacts["policy_plot"], step=0, subset="train")
-        fitted = fit(model, train_loader, test_loader, step_fn, device, total_steps, tracker, run_dir / "checkpoints", meta,
-                     val_every=int(fcfg.get("val_every", 1)), checkpoint_every=int(cfg.get("checkpoint_every") or 0),
-                     resume=resume.training_state if resume is not None else None,
-                     training_state=lambda: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                             "two_pass": two_pass.state_dict()})
-    finally:
-        tracker.close()
+    sharp = fcfg.sharpness
+    with open_process_group(device, cfg.dist.get("backend", "auto"), cfg.dist.get("timeout_min", 30)) as ranks:
+        resume = resume_checkpoint(cfg, run_dir)
+        tracker = open_tracker(cfg, stage, main=ranks.is_main)
+        artifacts = write_policy(policy, run_dir / "policy.json") if ranks.is_main else {}
+        log.info("finetune %s on %s under %s: %.4f GBitOps, sharpness %s, rank %d of %d", model_meta["name"],
+                 cfg.data.name, cfg.policy, policy.cost["target"].gbitops, sharp.get("name"), ranks.rank, ranks.world_size)
+        started = time.time()
+        try:
+            if ranks.is_main:
+                tracker.track_image("policy", artifacts["policy_plot"], step=0, subset="train")
+            trained = train_on_target(cfg, model=model, train_set=train_set, test_set=test_set, data_cfg=data_cfg,
+                                      train_cfg=fcfg, batch_key="finetune.batch_size", meta=meta, run_dir=run_dir,
+                                      device=device, ranks=ranks, tracker=tracker, resume=resume, sharpness=sharp)
+        finally:
+            tracker.close()
+    fitted = trained.fitted
     cost = policy.cost["target"]
     metrics = {"top1": fitted.final["top1"], "loss": fitted.final["loss"], "best_top1": fitted.best["top1"],
                "bitops": cost.bitops, "gbitops": cost.gbitops, "size_mb": cost.size_mb, "input_size": geometry.input_size,
                **{f"avg_{k}": v for k, v in policy.average_bits().items()}, "steps": fitted.steps,
-               "seconds": round(time.time() - started, 2)}
+               "global_batch": trained.geometry.global_batch, "seconds": round(time.time() - started, 2)}
     artifacts.update(checkpoint=str(run_dir / "checkpoints" / "last"), best_checkpoint=str(run_dir / "checkpoints" / "best"))
     result = Result(stage, metrics=metrics, artifacts=artifacts,
-                    extra={"history": fitted.history, "data": train_set.mpq_info, "tracking": tracker.info(), "world_size": 1})
-    write_result(run_dir, result, cfg)
+                    extra={"history": fitted.history, "data": train_set.mpq_info, "tracking": tracker.info(),
+                           **_distribution(trained, cfg)})
+    if ranks.is_main:
+        write_result(run_dir, result, cfg)
     return result
 
 

@@ -9,6 +9,7 @@ with status 2.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -73,19 +74,33 @@ def _stage_function(stage: str) -> Callable:
 
 
 def _task(cfg) -> None:
-    """Hydra's task: resolve the run directory, check the config, run the stage."""
+    """Hydra's task: resolve the run directory, check the config, run the stage (or start the
+    processes that run it: `dist.nproc`, `launcher=slurm`)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from framework.config_checks import check_config
+    from framework.dist.ranks import current_ranks
     from framework.errors import MPQError
     from framework.results import Result, write_result
     from framework.train.resume import Interrupted
 
     stage = str(cfg.stage)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ranks = current_ranks()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+
+    def fail(status: str, message: str, code: int, **extra) -> None:
+        if ranks.is_main:
+            write_result(run_dir, Result(stage, status=status, extra={"error": message, **extra}), cfg)
+            print(f"mpq {stage}: {'error: ' if status == 'error' else ''}{message}", file=sys.stderr)
+        else:  # one line on the terminal: rank 0's; the others leave theirs in the run directory
+            (run_dir / f"rank{ranks.rank}.error").write_text(message + "\n")
+        sys.exit(code)
+
+    if not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         check_config(cfg)
         if cfg.launcher.name == "slurm":
@@ -95,19 +110,39 @@ def _task(cfg) -> None:
             return
         if cfg.launcher.name != "local":
             raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local or slurm")
+        from framework.dist.launch import should_spawn, spawn_local
+
+        if should_spawn(cfg):
+            _report_workers(stage, run_dir, spawn_local(cfg, stage, list(HydraConfig.get().overrides.task), run_dir))
+            return
         _stage_function(stage)(cfg)
     except Interrupted as err:
-        write_result(run_dir, Result(stage, status="interrupted", artifacts={"checkpoint": str(err.checkpoint)},
-                                     extra={"error": str(err), "step": err.step}), cfg)
-        print(f"mpq {stage}: {err}", file=sys.stderr)
-        sys.exit(143)
+        fail("interrupted", str(err), 143, artifacts={"checkpoint": str(err.checkpoint)}, step=err.step)
     except MPQError as err:
-        write_result(run_dir, Result(stage, status="error", extra={"error": str(err)}), cfg)
-        print(f"mpq {stage}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("error", str(err), 2)
     except KeyboardInterrupt:
         print(f"mpq {stage}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _report_workers(stage: str, run_dir: Path, failure: str | None) -> None:
+    """After `dist.nproc` workers ended: exit as rank 0's result.json says (it printed its own error)."""
+    import json
+
+    result_path = run_dir / "result.json"
+    try:
+        status = json.loads(result_path.read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if failure is None and status == "ok":
+        return
+    if status == "interrupted":
+        sys.exit(143)
+    if status != "error":  # rank 0 did not explain it: say what the launcher saw
+        notes = sorted(run_dir.glob("rank*.error"))
+        detail = f"; {notes[0].name}: {notes[0].read_text().strip()}" if notes else ""
+        print(f"mpq {stage}: error: {failure or 'the workers ended without a result'}{detail}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,16 +117,47 @@ class TwoPassOptimizer:
 
         params = self._all_params()
         first = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in params}
-        # what is perturbed and which gradient defines its perturbation
+        quantized_grads = {
+            name: layer.quantized_weight.grad.detach()
+            for name, layer in self.post_quant_layers.items()
+            if layer.quantized_weight is not None and layer.quantized_weight.grad is not None
+        }
+        targets, saved = self._perturb(first, quantized_grads)
+
+        self.zero_grad()
+        self._freeze_bn_stats(True)
+        try:
+            loss_p = closure()
+        finally:
+            self._freeze_bn_stats(False)
+            self._restore(targets, saved)
+        with torch.no_grad():
+            for p in params:
+                direction = self._direction(first.get(p), p.grad, p)
+                if direction is not None:
+                    p.grad = direction
+        self.rule.after_step(info["loss"], float(loss_p.detach()))
+        if before_update is not None:
+            before_update()
+        for opt in self.optimizers:
+            opt.step()
+        info.update(loss_perturbed=float(loss_p.detach()), **self.rule.state())
+        return info
+
+    # -- the pieces both step implementations share ----------------------------------------------
+    def _perturb(self, first: dict, quantized_grads: dict[str, torch.Tensor]) -> tuple[list, dict]:
+        """Add the rule's perturbation (from the first-pass gradients) where the SAQ case places it.
+
+        Returns what :meth:`_restore` needs. `quantized_grads` maps a post-quantization layer's weight
+        name to the gradient w.r.t. its quantized weight (SAQ case 3's source).
+        """
         sources, targets = [], []
         for name, p in self.perturbed:
             if first.get(p) is None:
                 continue
             layer = self.post_quant_layers.get(name)
-            if layer is not None and self.saq_case == 3 and layer.quantized_weight is not None and layer.quantized_weight.grad is not None:
-                sources.append(layer.quantized_weight.grad.detach())
-            else:
-                sources.append(first[p])
+            source = quantized_grads.get(name) if layer is not None and self.saq_case == 3 else None
+            sources.append(first[p] if source is None else source)
             targets.append((name, p, layer))
         eps = self.rule.perturbation(sources, [p for _, p, _ in targets])
         saved = {}
@@ -140,34 +171,24 @@ class TwoPassOptimizer:
         for layer in self.post_quant_layers.values():
             layer.keep_quantized_weight = False
             layer.quantized_weight = None
+        return targets, saved
 
-        self.zero_grad()
-        self._freeze_bn_stats(True)
-        try:
-            loss_p = closure()
-        finally:
-            self._freeze_bn_stats(False)
-            with torch.no_grad():
-                for _, p, layer in targets:
-                    if layer is not None:
-                        layer.weight_eps = None
-                    else:
-                        p.copy_(saved[p])
+    @staticmethod
+    def _restore(targets: list, saved: dict) -> None:
         with torch.no_grad():
-            for p in params:
-                g, g_p = first.get(p), p.grad
-                if g is None and g_p is None:
-                    continue
-                g = torch.zeros_like(p) if g is None else g
-                g_p = torch.zeros_like(p) if g_p is None else g_p
-                p.grad = self.rule.direction(g, g_p)
-        self.rule.after_step(info["loss"], float(loss_p.detach()))
-        if before_update is not None:
-            before_update()
-        for opt in self.optimizers:
-            opt.step()
-        info.update(loss_perturbed=float(loss_p.detach()), **self.rule.state())
-        return info
+            for _, p, layer in targets:
+                if layer is not None:
+                    layer.weight_eps = None
+                else:
+                    p.copy_(saved[p])
+
+    def _direction(self, g: torch.Tensor | None, g_p: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+        """The rule's update direction from the two passes' gradients (None if neither exists)."""
+        if g is None and g_p is None:
+            return None
+        g = torch.zeros_like(p) if g is None else g
+        g_p = torch.zeros_like(p) if g_p is None else g_p
+        return self.rule.direction(g, g_p)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "rule": self.rule.state() if self.rule is not None else {}}
@@ -176,3 +197,90 @@ class TwoPassOptimizer:
         self.step_count = int(state["step_count"])
         if self.rule is not None:
             self.rule.load_state(state["rule"])
+
+
+class EngineTwoPass(TwoPassOptimizer):
+    """The two-pass step on a DeepSpeed engine, under data parallelism (any ZeRO stage 0-2).
+
+    Per micro-batch on each rank:
+
+        pass 1:  g_r   = grad L_r(theta)            local: torch.autograd.grad, no all-reduce
+        perturb: theta + eps_r, eps_r from g_r      (each rank its own, as in m-sharpness)
+        pass 2:  g_p,r = grad L_r(theta + eps_r)    local
+        restore: theta
+        d_r = rule.direction(g_r, g_p,r)            SAM: g_p,r;  ASGA: (g_r + g_p,r) / 2
+        engine.backward(sum_p <p, d_r>)             the engine averages d_r over ranks (and over
+                                                    accumulation steps) with its own machinery
+        engine.step()                               the base optimizer, at the accumulation boundary
+
+    The surrogate `sum_p <p, d_r>` has gradient exactly `d_r`, so ZeRO's reduce-scatter (stage 2)
+    or all-reduce (stages 0, 1) averages the update direction itself. Every rule here is linear in
+    `(g, g_p)`, so the update is `direction(mean_r g_r, mean_r g_p,r)`: for SAM the average of the
+    second-pass gradients, for ASGA the average of both passes. The losses of both passes are
+    averaged over ranks and micro-batches before the rule's `after_step`, so ASGA's radius and its
+    EMA are the same on every rank. Pass 1 uses autograd.grad, which fills no `.grad` and triggers
+    none of ZeRO's gradient hooks.
+
+    `forward(net)` returns the loss of `net` on the micro-batch with its graph, without calling
+    backward. Plain steps pass the engine; the two passes pass `engine.module` (the full model under
+    ZeRO 0-2), whose outputs carry none of the engine's backward hooks, which would refuse
+    `autograd.grad`.
+    """
+
+    def __init__(self, engine, model: nn.Module, rule: SAM | None, period: int = 1, saq_case: int | None = None):
+        super().__init__(model, [], rule, period=period, saq_case=saq_case)
+        self.engine = engine
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._losses: list[tuple[float, float]] = []
+
+    def _reduce_losses(self) -> tuple[float, float]:
+        from framework.dist.process_group import all_reduce_mean
+
+        n = len(self._losses)
+        loss, loss_p = all_reduce_mean([sum(a for a, _ in self._losses) / n, sum(b for _, b in self._losses) / n])
+        self._losses.clear()
+        return loss, loss_p
+
+    def micro_step(self, forward: Callable[[nn.Module], torch.Tensor]) -> dict[str, float]:
+        """One micro-batch; the engine steps the optimizer at the accumulation boundary."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        two_pass = self.is_two_pass_step()
+        info: dict[str, float]
+        if not two_pass:
+            loss = forward(self.engine)
+            self.engine.backward(loss)
+            info = {"loss": float(loss.detach())}
+        else:
+            info = self._two_pass(forward)
+        self.engine.step()
+        if boundary:
+            self.step_count += 1
+            if two_pass:
+                loss, loss_p = self._reduce_losses()
+                self.rule.after_step(loss, loss_p)
+                info.update(**self.rule.state())
+        return info
+
+    def _two_pass(self, forward: Callable[[nn.Module], torch.Tensor]) -> dict[str, float]:
+        for layer in self.post_quant_layers.values():
+            layer.keep_quantized_weight = self.saq_case == 3
+        loss = forward(self.engine.module)
+        kept = [(name, layer.quantized_weight) for name, layer in self.post_quant_layers.items()
+                if layer.quantized_weight is not None and layer.quantized_weight.requires_grad]
+        grads = torch.autograd.grad(loss, self.params + [q for _, q in kept], allow_unused=True)
+        first = dict(zip(self.params, grads[: len(self.params)], strict=True))
+        quantized = {name: g for (name, _), g in zip(kept, grads[len(self.params):], strict=True) if g is not None}
+        targets, saved = self._perturb(first, quantized)
+        self._freeze_bn_stats(True)
+        try:
+            loss_p = forward(self.engine.module)
+            second = torch.autograd.grad(loss_p, self.params, allow_unused=True)
+        finally:
+            self._freeze_bn_stats(False)
+            self._restore(targets, saved)
+        with torch.no_grad():
+            directions = [self._direction(first[p], g_p, p) for p, g_p in zip(self.params, second, strict=True)]
+        surrogate = sum((p * d).sum() for p, d in zip(self.params, directions, strict=True) if d is not None)
+        self.engine.backward(surrogate)
+        self._losses.append((float(loss.detach()), float(loss_p.detach())))
+        return {"loss": float(loss.detach()), "loss_perturbed": float(loss_p.detach())}

@@ -113,10 +113,10 @@ def index_run(repo: str | Path, run_hash: str) -> None:
         log.warning("could not index Aim run %s in %s: %s", run_hash, repo, err)
 
 
-def open_tracker(cfg: Any, stage: str) -> NullTracker:
-    """The tracker for one stage run, as `cfg.tracking` says."""
+def open_tracker(cfg: Any, stage: str, main: bool = True) -> NullTracker:
+    """The tracker for one stage run, as `cfg.tracking` says; ranks other than 0 (`main=False`) track nothing."""
     tracking = cfg.get("tracking") or {}
-    if not tracking.get("enabled", True):
+    if not main or not tracking.get("enabled", True):
         return NullTracker()
     repo = str(tracking.get("repo") or ".")
     experiment = str(cfg.get("experiment_name") or "mpq")

@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     meta.json      format, model (name, classes, channels, options), data geometry, step, epoch, metrics
     model.pt       the model's state dict
     training.pt    optimizer, scheduler and two-pass optimizer states (the training side of the run)
+    deepspeed/     stages trained through DeepSpeed: the engine's own checkpoint (every rank's
+                   optimizer partition, the scheduler) and each rank's RNG states
 
 A save writes everything into `.<name>.tmp-<pid>` beside the target, then swaps it in with
 renames; a reader therefore sees the old checkpoint or the new one, never half of one. Loading
@@ -46,16 +48,29 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write a checkpoint directory at `path` (replacing any previous one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    tmp = staging_dir(path, str(os.getpid()))
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    write_checkpoint_files(tmp, model, meta, training_state)
+    return commit_checkpoint(tmp, path)
+
+
+def staging_dir(path: Path, token: str) -> Path:
+    """Where a checkpoint for `path` is assembled before :func:`commit_checkpoint` renames it."""
+    return path.parent / f".{path.name}.tmp-{token}"
+
+
+def write_checkpoint_files(tmp: Path, model: nn.Module, meta: dict[str, Any], training_state: dict[str, Any] | None) -> None:
     meta = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(), **meta}
     torch.save(model.state_dict(), tmp / "model.pt")
     if training_state is not None:
         torch.save(training_state, tmp / "training.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def commit_checkpoint(tmp: Path, path: Path) -> Path:
+    """Swap the assembled `tmp` in at `path` with renames: readers see the old or the new one."""
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

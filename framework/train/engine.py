@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.data.loaders import EpochSampler
+from framework.dist.process_group import all_reduce_sum, world_size
 from framework.track.aim_tracker import NullTracker
 from framework.train.checkpoint import save_checkpoint
 from framework.train.loop import StepFn, evaluate, train_steps
@@ -51,6 +52,7 @@ def fit(
     track_every: int = 10,
     checkpoint_every: int = 0,
     resume: dict[str, Any] | None = None,
+    saver: Callable[[Path, dict[str, Any], dict[str, Any] | None], Path] | None = None,
 ) -> FitResult:
     """Train for `total_steps` steps (whole epochs of `train_loader`, the last one cut short).
 
@@ -61,7 +63,16 @@ def fit(
     after a signal, :class:`Interrupted` is raised. `resume` (the `training.pt` of such a
     checkpoint, with the model and optimizers already restored by the caller) continues the run
     at the same step with the same data order.
+
+    Under data parallelism every rank runs `fit` on its shard: the ranks agree after each step on
+    whether a stop signal arrived (one all-reduce), validation sums over the ranks, and `saver`
+    (default: :func:`save_checkpoint` of `model`) is called on every rank, so a distributed saver
+    can write each rank's part.
     """
+    if saver is None:
+        def saver(path, checkpoint_meta, state):
+            return save_checkpoint(path, model, checkpoint_meta, training_state=state)
+    distributed = world_size() > 1
     steps_per_epoch = len(train_loader)
     sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
     epochs = -(-total_steps // steps_per_epoch)
@@ -80,7 +91,7 @@ def fit(
             position={"epoch": epoch, "step_in_epoch": step_in_epoch, "step": out.steps},
             history=out.history, best=out.best, final=out.final, rng=rng_state(),
         )
-        return save_checkpoint(ckpt_dir / "last", model, {**epoch_meta, "step": out.steps}, training_state=state)
+        return saver(ckpt_dir / "last", {**epoch_meta, "step": out.steps}, state)
 
     with StopSignals() as stop:
         for epoch in range(start_epoch, epochs + 1):
@@ -103,6 +114,8 @@ def fit(
                 if on_step is not None:
                     on_step(step, loss, acc, info)
                 in_epoch = _first + i
+                if distributed and all_reduce_sum([1.0 if stop.received else 0.0])[0] > 0:
+                    stop.received = stop.received or "SIGTERM"  # another rank got it: stop together
                 if stop.received or (checkpoint_every and step % checkpoint_every == 0 and in_epoch < steps_per_epoch):
                     path = save_last(_epoch, in_epoch, _meta)
                     if stop.received:
@@ -122,7 +135,7 @@ def fit(
                 out.final = val
                 if val["top1"] > out.best["top1"]:
                     out.best = {"top1": val["top1"], "epoch": epoch, "step": out.steps}
-                    save_checkpoint(ckpt_dir / "best", model, {**epoch_meta, "step": out.steps})
+                    saver(ckpt_dir / "best", {**epoch_meta, "step": out.steps}, None)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, entry)
             out.history.append(entry)

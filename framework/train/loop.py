@@ -1,4 +1,5 @@
-"""The plain training and evaluation loops (one process, any device)."""
+"""The plain training and evaluation loops (any device; under data parallelism each rank runs them
+on its shard and the epoch totals are summed over the ranks)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from framework.dist.process_group import all_reduce_sum, rank
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,7 +66,7 @@ def train_steps(
     model.train()
     total_loss = total_correct = total_seen = 0.0
     steps = 0
-    bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True, disable=rank() != 0)
     for images, labels in bar:
         if steps >= max_steps:
             break
@@ -79,6 +82,7 @@ def train_steps(
         if on_step is not None:
             on_step(steps, batch_loss, batch_acc, info)
     bar.close()
+    total_loss, total_correct, total_seen = all_reduce_sum([total_loss, total_correct, total_seen])
     seen = max(total_seen, 1.0)
     return {"loss": total_loss / seen, "top1": total_correct / seen, "steps": steps}
 
@@ -89,11 +93,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss = correct = seen = 0.0
-    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() != 0):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
         loss += criterion(logits, labels).item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
+    loss, correct, seen = all_reduce_sum([loss, correct, seen])
     seen = max(seen, 1.0)
     return {"top1": correct / seen, "loss": loss / seen, "samples": int(seen)}
