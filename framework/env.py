@@ -4,6 +4,7 @@ Set before Ray, Aim or DeepSpeed are imported so that none of them reports usage
 Users may still override any of these variables explicitly.
 """
 
+import logging
 import os
 import sys
 
@@ -22,3 +23,6 @@ def configure_environment() -> None:
     """Apply the defaults above without overwriting anything the user already set."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # torch's extension builder (DeepSpeed's ops, inductor) warns "No CUDA runtime is found" on
+    # every CPU machine; it says nothing a user can act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -1,12 +1,16 @@
 """`launcher=slurm`: run a stage as a Slurm job through submitit, wait for it, keep its result.
 
-The job runs the same `mpq <stage> ...` command in-process on the allocated node with
+The job runs the same `mpq <stage> ...` command in-process on the allocated nodes with
 `launcher=local`, the submitting side's run directory (`hydra.run.dir`), and `resume=true`: a job
 that Slurm requeues (`scontrol requeue`, preemption, or submitit's own requeue when the time limit
 approaches, via :meth:`StageJob.checkpoint`) receives SIGTERM, saves `checkpoints/last`, and its
 next start continues from there instead of from step 0. By default the command waits for the job,
 prints its id, and reports a cancelled or failed job as an error, never waiting forever: without
 accounting Slurm forgets finished jobs, so a time limit bounds the wait (`launcher.max_wait_min`).
+
+Distributed stages: `dist.nproc=N` asks for N tasks per node (`launcher.nodes` nodes); every task
+is one rank, which learns its place from Slurm's variables (:mod:`framework.dist.ranks`), so no
+torchrun runs inside the job.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class StageJob:
     def __call__(self) -> dict[str, Any]:
         import json
 
+        from framework.dist.ranks import current_ranks
         from launchers.cli import main
 
         try:
@@ -43,6 +48,9 @@ class StageJob:
         except SystemExit as stop:
             if stop.code not in (0, None):
                 raise
+        ranks = current_ranks()
+        if not ranks.is_main:  # rank 0 wrote result.json
+            return {"rank": ranks.rank, "status": "ok"}
         return json.loads((Path(self.run_dir) / "result.json").read_text())
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -63,7 +71,7 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
         "name": f"mpq-{stage}",
         "timeout_min": int(lcfg.timeout_min),
         "nodes": int(lcfg.nodes),
-        "tasks_per_node": int(lcfg.tasks_per_node),
+        "tasks_per_node": int(lcfg.get("tasks_per_node") or cfg.dist.nproc),
         "cpus_per_task": int(lcfg.cpus_per_task),
         "slurm_signal_delay_s": int(lcfg.signal_delay_s),
     }
@@ -84,7 +92,7 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
             raise MPQError(f"Slurm job {job.job_id} has not finished within launcher.max_wait_min; it is {job.state}")
         time.sleep(float(lcfg.get("poll_seconds", 2)))
     try:
-        result = job.result()  # the job's own return value: present only if the stage finished
+        result = job.results()[0]  # rank 0's return value: present only if the stage finished
     except Exception:
         state = str(job.state)
         if state.startswith("CANCELLED"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     stage = int(dist_cfg.get("zero_stage", 0))
     check_zero_stage(stage, two_pass)
     config = deepspeed_config(geometry, dist_cfg, device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen, not guessed (DeepSpeed warns when it guesses)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU machines
     import deepspeed
 
     _quiet_deepspeed()

@@ -9,6 +9,7 @@ inside Slurm tasks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -32,7 +33,8 @@ def backend_for(device: torch.device, requested: str = "auto") -> str:
 
 @contextlib.contextmanager
 def open_process_group(device: torch.device, backend: str = "auto", timeout_min: float = 30) -> Iterator[Ranks]:
-    """Join (or, for one process, create) the process group for the duration of the block."""
+    """Join (or, for one process, create) the process group; later stages of the same process
+    (`mpq pipeline`) reuse it, since DeepSpeed keeps references to it. It ends with the process."""
     ranks = export_slurm_ranks()
     backend = backend_for(device, backend)
     owned = not torch_dist.is_initialized()
@@ -44,6 +46,7 @@ def open_process_group(device: torch.device, backend: str = "auto", timeout_min:
                                               world_size=ranks.world_size, timeout=timeout)
             else:
                 torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            atexit.register(_destroy)
         except (RuntimeError, ValueError) as err:
             raise MPQError(
                 f"could not join the process group (rank {ranks.rank} of {ranks.world_size}, "
@@ -59,8 +62,11 @@ def open_process_group(device: torch.device, backend: str = "auto", timeout_min:
     finally:
         if set_local_rank:
             os.environ.pop("LOCAL_RANK", None)
-        if owned and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+
+
+def _destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -68,3 +68,20 @@ def test_a_cancelled_job_is_reported_not_waited_on(slurm_cluster, tmp_path):
     assert proc.returncode == 2
     assert f"Slurm job {job} was cancelled" in stderr
     assert read_json(tmp_path / "result.json")["status"] == "error"
+
+
+def test_a_two_task_finetune_job_completes(slurm_cluster, tmp_path, pretrained_run):
+    """`dist.nproc=2` under `launcher=slurm`: 2 Slurm tasks, each one DeepSpeed rank (gloo)."""
+    proc = run_mpq("finetune", f"init_checkpoint={pretrained_run['result']['artifacts']['checkpoint']}",
+                   "policy=uniform:4/4", "data.fraction=0.05", "data.test_fraction=0.05", "finetune.max_steps=6",
+                   "dist.nproc=2", "dist.zero_stage=2", "launcher=slurm", "launcher.cpus_per_task=1",
+                   "launcher.poll_seconds=0.5", f"hydra.run.dir={tmp_path}", "tracking.enabled=false",
+                   env=slurm_cluster, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = proc.stdout.split("submitted Slurm job ")[1].split()[0]
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "ok" and result["metrics"]["steps"] == 6
+    assert result["world_size"] == 2 and result["distributed"]["zero_stage"] == 2
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in (tmp_path / "checkpoints" / "last" / "deepspeed").iterdir()}
+    # both tasks ran in the job (submitit writes one log per task)
+    assert {f"{job}_0_log.out", f"{job}_1_log.out"} <= {p.name for p in (tmp_path / "slurm").iterdir()}

@@ -1,0 +1,127 @@
+"""`finetune` on 2 DeepSpeed processes (gloo) equals 1 process on the same global batches.
+
+The reference is one process with 2 gradient-accumulation steps: it sees the same micro-batches
+(batch-norm statistics are per micro-batch in both) and averages the same gradients. Both sides
+run one torch thread per process, so the arithmetic is the same operation for operation.
+"""
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.paths import REPO_ROOT
+from tests.conftest import MPQ, checkpoint_step, read_json, run_mpq
+
+STEPS = 4
+FINETUNE = ["finetune", "policy=uniform:4/4", "data.fraction=0.05", "data.augment=false", "data.test_fraction=0.05",
+            f"finetune.max_steps={STEPS}", "finetune.batch_size=64", "tracking.enabled=false", "threads=1"]
+
+
+def _parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last" / "model.pt", weights_only=True)
+    # running batch-norm statistics are each rank's own (DeepSpeed does not average buffers)
+    return {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
+
+
+def _assert_equal_weights(a: Path, b: Path) -> None:
+    wa, wb = _parameters(a), _parameters(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _finetune(run_dir: Path, init: str, *extra: str):
+    proc = run_mpq(*FINETUNE, f"init_checkpoint={init}", f"hydra.run.dir={run_dir}", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_json(run_dir / "result.json")
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(pretrained_run) -> str:
+    return pretrained_run["result"]["artifacts"]["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, init_checkpoint):
+    run_dir = tmp_path_factory.mktemp("one_process")
+    result = _finetune(run_dir, init_checkpoint, "dist.gradient_accumulation=2")
+    assert result["world_size"] == 1 and result["distributed"]["micro_batch"] == 32
+    return run_dir
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path, init_checkpoint, one_process, zero_stage):
+    result = _finetune(tmp_path, init_checkpoint, "dist.nproc=2", f"dist.zero_stage={zero_stage}")
+    assert result["status"] == "ok" and result["metrics"]["steps"] == STEPS
+    assert result["world_size"] == 2
+    assert result["distributed"] == {"world_size": 2, "micro_batch": 32, "gradient_accumulation": 1, "global_batch": 64,
+                                     "zero_stage": zero_stage, "engine": "deepspeed"}
+    _assert_equal_weights(tmp_path, one_process)
+    # the comparison can fail: training moved the weights far beyond the tolerance
+    start = torch.load(Path(init_checkpoint) / "model.pt", weights_only=True)
+    moved = max((w - start[k]).abs().max().item() for k, w in _parameters(tmp_path).items() if k in start)
+    assert moved > 1e-3
+    # rank 0 alone wrote the result; every rank wrote its part of the engine's checkpoint
+    engine_files = {p.name for p in (tmp_path / "checkpoints" / "last" / "deepspeed").iterdir()}
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= engine_files
+    if zero_stage > 0:
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= engine_files
+
+
+def test_asga_two_processes_equal_one_process(tmp_path_factory, init_checkpoint):
+    """The two-pass step under data parallelism: local first pass, averaged update (ZeRO 2)."""
+    one, two = tmp_path_factory.mktemp("asga_one"), tmp_path_factory.mktemp("asga_two")
+    sharp = ["finetune.sharpness.name=asga", "finetune.sharpness.rho=0.1"]
+    _finetune(one, init_checkpoint, "dist.gradient_accumulation=2", *sharp)
+    _finetune(two, init_checkpoint, "dist.nproc=2", "dist.zero_stage=2", *sharp)
+    _assert_equal_weights(one, two)
+    radius = [torch.load(d / "checkpoints" / "last" / "training.pt", weights_only=True)["two_pass"]["rule"]["rho"]
+              for d in (one, two)]
+    assert radius[0] == radius[1] != 0.1  # the same adaptive radius, and it did adapt
+
+
+def test_zero_stage_3_is_refused_for_two_pass_training(tmp_path, init_checkpoint):
+    proc = run_mpq(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}", "dist.zero_stage=3",
+                   "finetune.sharpness.name=sam", "dist.nproc=2")
+    assert proc.returncode == 2
+    assert len(proc.error_lines) == 1 and "dist.zero_stage=3" in proc.stderr and "two-pass" in proc.stderr
+    assert "starting 2 processes" not in proc.stderr  # refused before any process started
+
+
+def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path, init_checkpoint):
+    proc = run_mpq(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}",
+                   "dist.gradient_accumulation=3")
+    assert proc.returncode == 2 and len(proc.error_lines) == 1
+    assert "finetune.batch_size=64" in proc.stderr and "multiple of 3" in proc.stderr
+
+
+def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tmp_path_factory, init_checkpoint):
+    """ZeRO 1: each rank's optimizer partition is saved on SIGTERM and restored on resume."""
+    args = [*(a for a in FINETUNE if not a.startswith("finetune.max_steps")), "finetune.max_steps=30",
+            "dist.nproc=2", "dist.zero_stage=1", f"init_checkpoint={init_checkpoint}"]
+    reference, run_dir = tmp_path_factory.mktemp("sigterm_ref"), tmp_path_factory.mktemp("sigterm")
+    done = run_mpq(*args, f"hydra.run.dir={reference}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen([MPQ, *args, f"hydra.run.dir={run_dir}", "checkpoint_every=4"], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while checkpoint_step(run_dir) < 4:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    interrupted = read_json(run_dir / "result.json")
+    assert interrupted["status"] == "interrupted" and 4 <= interrupted["step"] < 30
+
+    resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {interrupted['step']}" in (run_dir / "finetune.log").read_text()
+    assert read_json(run_dir / "result.json")["metrics"]["steps"] == 30
+    _assert_equal_weights(run_dir, reference)

@@ -1,0 +1,70 @@
+"""On one process, the DeepSpeed two-pass step is the single-process two-pass step."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from framework.dist.engine import batch_geometry, build_engine
+from framework.dist.process_group import open_process_group
+from framework.quant.convert import quantize_model
+from framework.quant.cost import trace_layers
+from framework.sharpness import ASGA, SAM, EngineTwoPass, TwoPassOptimizer
+
+from tests.conftest import compose_config
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _quantized(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Net()
+    layers = trace_layers(model, 8, 1)
+    quantize_model(model, {layer.name: (4, 4) for layer in layers}, compose_config("finetune").quant, layers)
+    model(torch.randn(8, 1, 8, 8))  # initialise the LSQ step sizes
+    return model
+
+
+@pytest.mark.parametrize("rule,saq_case", [(lambda: SAM(rho=0.05), None), (lambda: ASGA(rho=0.1), None),
+                                           (lambda: SAM(rho=0.05), 3), (None, None)])
+def test_engine_step_equals_the_local_step(rule, saq_case):
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    local_model = _quantized(1)
+    engine_model = copy.deepcopy(local_model)
+    criterion = nn.CrossEntropyLoss()
+
+    local = TwoPassOptimizer(local_model, [torch.optim.SGD(local_model.parameters(), lr=0.1, momentum=0.9)],
+                             rule() if rule else None, saq_case=saq_case)
+    for x, y in data:
+        def closure(x=x, y=y):
+            loss = criterion(local_model(x), y)
+            loss.backward()
+            return loss
+        local.step(closure)
+
+    dist_cfg = OmegaConf.create({"zero_stage": 0, "gradient_accumulation": 1, "precision": "fp32"})
+    with open_process_group(torch.device("cpu")):
+        optimizer = torch.optim.SGD(engine_model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        engine = build_engine(engine_model, optimizer, scheduler, batch_geometry(8, dist_cfg, 1), dist_cfg,
+                              torch.device("cpu"), two_pass=rule is not None)
+        two_pass = EngineTwoPass(engine, engine_model, rule() if rule else None, saq_case=saq_case)
+        for x, y in data:
+            two_pass.micro_step(lambda net, x=x, y=y: criterion(net(x), y))
+
+    for (name, a), b in zip(local_model.state_dict().items(), engine_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    if rule is not None:
+        assert local.rule.state() == pytest.approx(two_pass.rule.state())
