@@ -85,6 +85,10 @@ def check_config(cfg: DictConfig) -> None:
     _one_of(cfg, "dist.zero_stage", (0, 1, 2, 3))
     _one_of(cfg, "dist.precision", ("auto", "fp32", "bf16", "fp16"))
     _one_of(cfg, "dist.backend", ("auto", "gloo", "nccl"))
+    nproc, stage = _get(cfg, "dist.nproc"), _get(cfg, "stage")
+    if isinstance(nproc, int) and nproc > 1 and stage not in ("pretrain", "finetune"):
+        raise MPQError(f"dist.nproc={nproc} applies to pretrain and finetune; {stage} runs on one process "
+                       f"(parallel searches: slurm/search_array.sbatch); drop dist.nproc")
     if _get(cfg, "dist.zero_stage") == 3 and _get(cfg, "stage") in ("pretrain", "finetune", "pipeline"):
         from framework.dist.engine import check_zero_stage
 

@@ -86,4 +86,11 @@ if [ ! -f "$VENV/.mpq-telemetry-off" ]; then
   AIM_UI_TELEMETRY_ENABLED=0 "$VENV/bin/aim" telemetry off >/dev/null 2>&1 || true
   touch "$VENV/.mpq-telemetry-off"
 fi
+# DeepSpeed JIT-builds one small C++ op (its shared-memory collectives) the first time a process
+# group starts on the CPU (~25 s); build it now, into .venv/torch_extensions, not in the first run.
+if ! ls "$VENV"/torch_extensions/deepspeed_shm_comm/*.so >/dev/null 2>&1; then
+  say "building DeepSpeed's CPU communication op (once)"
+  "$VENV/bin/python" -c "import framework; from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
+    say "could not pre-build DeepSpeed's CPU op; the first distributed run builds it"
+fi
 say "ready: $VENV, data in $DATA"

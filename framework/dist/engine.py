@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +131,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quiet_deepspeed() -> None:
-    for name in ("DeepSpeed", "deepspeed", "compilers"):  # compilers: DeepSpeed's op builders probing gcc
+    """DeepSpeed's notices about choices made here on purpose (a torch optimizer under ZeRO: "untested
+    optimizer"; its op builders probing gcc) say nothing a user can act on; its errors still show."""
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    for name in ("deepspeed", "compilers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, geometry: BatchGeometry,

@@ -53,9 +53,18 @@ def test_contract_names_exist_in_the_default_config():
         ("finetune.sharpness.saq_case=4", "finetune.sharpness.saq_case"),
         ("finetune.epochs=0", "finetune.epochs"),
         ("quant.weight=fancy", "quant.weight"),
+        ("dist.zero_stage=4", "dist.zero_stage"),
+        ("dist.precision=fp8", "dist.precision"),
+        ("dist.gradient_accumulation=0", "dist.gradient_accumulation"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):
     cfg = compose_config("pretrain", [override])
     with pytest.raises(MPQError, match=key.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_dist_nproc_is_for_the_training_stages_only():
+    check_config(compose_config("finetune", ["dist.nproc=2"]))
+    with pytest.raises(MPQError, match="dist.nproc=2 applies to pretrain and finetune"):
+        check_config(compose_config("search", ["dist.nproc=2"]))
