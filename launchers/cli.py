@@ -67,6 +67,31 @@ def check_group_choices(overrides: list[str]) -> str | None:
     return None
 
 
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun"}
+_HYDRA_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the overrides, so that they can be passed flags first:
+    Hydra's parser takes the overrides as one positional list, which a flag may not interrupt."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            flags.append(arg)
+            takes_value = arg in _HYDRA_VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args)
+                                                         and args[i + 1] in _HYDRA_INFO_CHOICES)
+            if takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        i += 1
+    return flags, overrides
+
+
 def _stage_function(stage: str) -> Callable:
     from framework import pipeline
 
@@ -103,12 +128,15 @@ def _task(cfg) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         check_config(cfg)
-        if cfg.launcher.name == "slurm":
+        if cfg.launcher.name == "slurm" and _inside_hydra_slurm_job():
+            with open_dict(cfg):  # Hydra's submitit launcher ran this sweep point as a Slurm job
+                cfg.resume = True  # a requeued job continues from its checkpoint
+        elif cfg.launcher.name == "slurm":
             from launchers.slurm import submit_stage
 
             submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir)
             return
-        if cfg.launcher.name != "local":
+        if cfg.launcher.name not in ("local", "slurm"):
             raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local or slurm")
         from framework.dist.launch import should_spawn, spawn_local
 
@@ -123,6 +151,16 @@ def _task(cfg) -> None:
     except KeyboardInterrupt:
         print(f"mpq {stage}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _inside_hydra_slurm_job() -> bool:
+    """True inside a `--multirun` job that Hydra's submitit launcher submitted."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
 def _report_workers(stage: str, run_dir: Path, failure: str | None) -> None:
@@ -161,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import hydra
 
-    sys.argv = [f"mpq {stage}", *rest, f"stage={stage}"]
+    flags, overrides = split_hydra_args(rest)
+    sys.argv = [f"mpq {stage}", *flags, *overrides, f"stage={stage}"]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
     return 0
 

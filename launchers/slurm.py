@@ -71,7 +71,7 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
         "name": f"mpq-{stage}",
         "timeout_min": int(lcfg.timeout_min),
         "nodes": int(lcfg.nodes),
-        "tasks_per_node": int(lcfg.get("tasks_per_node") or cfg.dist.nproc),
+        "tasks_per_node": int(lcfg.tasks_per_node),
         "cpus_per_task": int(lcfg.cpus_per_task),
         "slurm_signal_delay_s": int(lcfg.signal_delay_s),
     }

@@ -85,3 +85,18 @@ def test_a_two_task_finetune_job_completes(slurm_cluster, tmp_path, pretrained_r
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in (tmp_path / "checkpoints" / "last" / "deepspeed").iterdir()}
     # both tasks ran in the job (submitit writes one log per task)
     assert {f"{job}_0_log.out", f"{job}_1_log.out"} <= {p.name for p in (tmp_path / "slurm").iterdir()}
+
+
+def test_multirun_sends_each_sweep_point_as_a_slurm_job(slurm_cluster, tmp_path, pretrained_run):
+    """`--multirun launcher=slurm`: Hydra's submitit launcher, one job per point, all waited for."""
+    proc = run_mpq("search", "--multirun", "seed=0,1", "search=dnas",
+                   f"init_checkpoint={pretrained_run['result']['artifacts']['checkpoint']}", "proxy.per_class=20",
+                   "proxy.test_fraction=0.02", "search.batch_size=40", "search.max_steps=3", "launcher=slurm",
+                   "launcher.cpus_per_task=1", "launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}",
+                   "tracking.enabled=false", env=slurm_cluster, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [read_json(tmp_path / str(i) / "result.json") for i in (0, 1)]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert [r["config"]["seed"] for r in results] == [0, 1]
+    assert all(r["config"]["resume"] for r in results)  # a requeued point would continue from its checkpoint
+    assert len(list((tmp_path / ".submitit").iterdir())) >= 2  # the jobs Hydra's launcher submitted

@@ -68,3 +68,12 @@ def test_dist_nproc_is_for_the_training_stages_only():
     check_config(compose_config("finetune", ["dist.nproc=2"]))
     with pytest.raises(MPQError, match="dist.nproc=2 applies to pretrain and finetune"):
         check_config(compose_config("search", ["dist.nproc=2"]))
+
+
+def test_hydra_flags_and_overrides_are_separated_in_any_order():
+    from launchers.cli import split_hydra_args
+
+    assert split_hydra_args(["a=1", "--cfg", "job", "b=2", "--multirun", "c=3,4"]) == (
+        ["--cfg", "job", "--multirun"], ["a=1", "b=2", "c=3,4"])
+    assert split_hydra_args(["--info", "defaults", "x=1", "-m"]) == (["--info", "defaults", "-m"], ["x=1"])
+    assert split_hydra_args(["~key", "+new=1", "--resolve"]) == (["--resolve"], ["~key", "+new=1"])
