@@ -159,6 +159,8 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                                                    config=config, dist_init_required=False)
         except (AssertionError, ValueError) as err:
             raise MPQError(f"DeepSpeed refused the configuration {config}: {err}") from None
+    if stage == 0 and geometry.world_size == 1:
+        engine.enable_backward_allreduce = False  # one process: nothing to average, skip the bucket copies
     log.info("DeepSpeed engine: ZeRO %d, %d x %d x %d = global batch %d, %s", stage, geometry.micro_batch,
              geometry.accumulation, geometry.world_size, geometry.global_batch, resolve_precision(
                  dist_cfg.get("precision", "auto"), device))
