@@ -50,6 +50,9 @@ def spawn_local(cfg, stage: str, overrides: list[str], run_dir: Path) -> str | N
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mpq-{stage}-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", local_addr="127.0.0.1",
         max_restarts=0, monitor_interval=0.5,
+        # after SIGTERM the workers finish their step and save every rank's part of checkpoints/last:
+        # give them time (the default, 30 s, can cut a large checkpoint short on a busy machine)
+        shutdown_timeout=300,
     )
     print(f"mpq {stage}: starting {nproc} processes (torch elastic, gloo/nccl on 127.0.0.1)", file=sys.stderr, flush=True)
     try:

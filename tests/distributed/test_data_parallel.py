@@ -118,7 +118,7 @@ def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tm
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
     interrupted = read_json(run_dir / "result.json")
-    assert interrupted["status"] == "interrupted" and 4 <= interrupted["step"] < 30
+    assert interrupted["status"] == "interrupted" and 4 <= interrupted["step"] < 30, (interrupted, stderr[-3000:])
 
     resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
