@@ -18,13 +18,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework import __version__
 from framework.data import build_dataset, build_loader
+from framework.dist.process_group import open_process_group
 from framework.errors import MPQError, StageNotAvailable
 from framework.models import create_model
 from framework.policy import Policy, policy_from_dict, validate_policy, write_policy
 from framework.quant.apply import Geometry, quant_meta, quantize_with_policy, resolve_policy
 from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result, write_result
-from framework.dist.process_group import open_process_group
 from framework.track import open_tracker
 from framework.train.checkpoint import load_checkpoint, load_model_state
 from framework.train.data_parallel import train_on_target

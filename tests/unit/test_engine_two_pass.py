@@ -12,7 +12,6 @@ from framework.dist.process_group import open_process_group
 from framework.quant.convert import quantize_model
 from framework.quant.cost import trace_layers
 from framework.sharpness import ASGA, SAM, EngineTwoPass, TwoPassOptimizer
-
 from tests.conftest import compose_config
 
 
