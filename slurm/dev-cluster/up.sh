@@ -247,15 +247,21 @@ CREATE DATABASE IF NOT EXISTS $DB_NAME;
 GRANT ALL PRIVILEGES ON $DB_NAME.* TO 'slurm'@'localhost';
 SQL
 
+# start_daemon NAME: clear a stale pid file, start /usr/sbin/NAME in its own session, remember its pid
+start_daemon() {
+  local name="$1"
+  remove_stale_pidfile "$RUNDIR/$name.pid" "$name"
+  remove_stale_pidfile "/run/$name.pid" "$name"
+  setsid "/usr/sbin/$name" </dev/null >>"$LOGDIR/$name.out" 2>&1 9>&- ||
+    { show_log "$LOGDIR/$name.log"; die "$name did not start"; }
+  remember "$name" "$RUNDIR/$name.pid" || { show_log "$LOGDIR/$name.log"; die "$name did not start"; }
+}
+
 # ---------------------------------------------------------------- slurmdbd
 if running slurmdbd; then
   status_of slurmdbd
 else
-  remove_stale_pidfile "$RUNDIR/slurmdbd.pid" slurmdbd
-  remove_stale_pidfile /run/slurmdbd.pid slurmdbd
-  setsid /usr/sbin/slurmdbd </dev/null >>"$LOGDIR/slurmdbd.out" 2>&1 9>&- ||
-    { show_log "$LOGDIR/slurmdbd.log"; die "slurmdbd did not start"; }
-  remember slurmdbd "$RUNDIR/slurmdbd.pid" || { show_log "$LOGDIR/slurmdbd.log"; die "slurmdbd did not start"; }
+  start_daemon slurmdbd
 fi
 cluster_listed() { sacctmgr -nP show cluster format=cluster | grep -qx "$CLUSTER"; }
 registered_now=0
@@ -279,22 +285,14 @@ if running slurmctld; then
   [ "$registered_now" -eq 1 ] && ! ours slurmctld >/dev/null &&
     warn "cluster $CLUSTER was just registered; the running slurmctld (not ours) may need a restart"
 else
-  remove_stale_pidfile "$RUNDIR/slurmctld.pid" slurmctld
-  remove_stale_pidfile /run/slurmctld.pid slurmctld
-  setsid /usr/sbin/slurmctld </dev/null >>"$LOGDIR/slurmctld.out" 2>&1 9>&- ||
-    { show_log "$LOGDIR/slurmctld.log"; die "slurmctld did not start"; }
-  remember slurmctld "$RUNDIR/slurmctld.pid" || { show_log "$LOGDIR/slurmctld.log"; die "slurmctld did not start"; }
+  start_daemon slurmctld
 fi
 
 # ---------------------------------------------------------------- slurmd
 if running slurmd; then
   status_of slurmd
 else
-  remove_stale_pidfile "$RUNDIR/slurmd.pid" slurmd
-  remove_stale_pidfile /run/slurmd.pid slurmd
-  setsid /usr/sbin/slurmd </dev/null >>"$LOGDIR/slurmd.out" 2>&1 9>&- ||
-    { show_log "$LOGDIR/slurmd.log"; die "slurmd did not start"; }
-  remember slurmd "$RUNDIR/slurmd.pid" || { show_log "$LOGDIR/slurmd.log"; die "slurmd did not start"; }
+  start_daemon slurmd
 fi
 
 # ---------------------------------------------------------------- ready?
