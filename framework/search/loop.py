@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -170,8 +171,15 @@ class SearchStep:
             self.features.remove()
 
 
-def run_search(cfg: DictConfig) -> Result:
-    """Search a mixed-precision policy on the proxy data; writes policy.json, its plots and result.json."""
+def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
+    """Search a mixed-precision policy on the proxy data; writes policy.json, its plots and result.json.
+
+    `on_epoch`, if given, is called after every epoch's validation with a copy of the epoch's entry
+    plus `proxy_top1` (the supernet's proxy validation top-1), `expected_bitops` (the complexity
+    model's expected BitOps at the target resolution, `framework.quant.expected_bitops`) and
+    `total_steps`; a sweep reports it to its scheduler (framework.tune). Without it the search
+    behaves, and writes, exactly as before.
+    """
     from framework.pipeline import load_full_precision_checkpoint, prepare_stage
 
     stage = "search"
@@ -238,6 +246,9 @@ def run_search(cfg: DictConfig) -> Result:
         _, probs = derive_bits(model)
         figure = plot_bit_probabilities(probs, candidates, run_dir / "figures" / f"bit_probabilities_epoch{epoch}.png")
         tracker.track_image("bit_probabilities", str(figure), step=epoch, subset="proxy")
+        if on_epoch is not None:
+            on_epoch({**entry, "proxy_top1": entry.get("val_top1"), "expected_bitops": entry["expected_gbitops"] * 1e9,
+                      "total_steps": total_steps})
 
     meta = {"stage": stage, "model": search_meta, "data": {"name": str(proxy_cfg.name), "input_size": int(proxy_cfg.input_size),
             "channels": channels}, "search": True, "code_version": __version__}

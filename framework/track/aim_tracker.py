@@ -6,6 +6,11 @@ metric carries `context={"subset": "train" | "val" | "proxy"}` so the dashboard 
 server `aim://host:port`, which is the safe choice when many cluster jobs track at once.
 `tracking.enabled=false` gives a :class:`NullTracker` that records nothing.
 
+Optional keys a caller may add (a sweep's trials do): `tracking.run_name` (the run's name, default
+the stage), `tracking.tags` (extra tags) and `tracking.run_hash_file`, a file that keeps the run's
+hash so that a retried or resumed attempt of the same run continues that Aim run instead of
+opening a second one.
+
 Aim's SDK reads runs through an index that only `aim up` or a reindex refreshes; :meth:`Tracker.close`
 indexes the run it wrote, so the SDK (and `Repo.iter_runs`) sees it right after the stage ends.
 """
@@ -50,7 +55,8 @@ class NullTracker:
 class Tracker(NullTracker):
     """An open Aim run."""
 
-    def __init__(self, repo: str, experiment: str, run_name: str, hparams: dict[str, Any], tags: list[str]):
+    def __init__(self, repo: str, experiment: str, run_name: str, hparams: dict[str, Any], tags: list[str],
+                 run_hash_file: str | None = None):
         from aim import Run
 
         self.repo = repo
@@ -58,13 +64,16 @@ class Tracker(NullTracker):
         try:
             if self._local:
                 Path(repo).mkdir(parents=True, exist_ok=True)
-            self._run = Run(
-                repo=repo,
-                experiment=experiment,
-                log_system_params=False,
-                capture_terminal_logs=False,
-                system_tracking_interval=None,
-            )
+            options = dict(repo=repo, experiment=experiment, log_system_params=False, capture_terminal_logs=False,
+                           system_tracking_interval=None)
+            previous = _previous_run(repo, run_hash_file)
+            try:
+                self._run = Run(run_hash=previous, **options)
+            except Exception as err:  # gone, or still held by a live process: start a new run
+                if previous is None:
+                    raise
+                log.warning("cannot continue Aim run %s (%s); starting a new run", previous, err)
+                self._run = Run(**options)
         except Exception as err:
             raise MPQError(
                 f"cannot open the Aim repository {repo} ({type(err).__name__}: {err}); "
@@ -75,6 +84,10 @@ class Tracker(NullTracker):
             self._run.add_tag(tag)
         self._run["hparams"] = hparams
         self.run_hash: str | None = self._run.hash
+        if run_hash_file:
+            from framework.results import atomic_write_text
+
+            atomic_write_text(Path(run_hash_file), self.run_hash + "\n")
 
     def track(self, name: str, value: float, step: int | None = None, subset: str = "train", **context: Any) -> None:
         self._run.track(float(value), name=name, step=step, context={"subset": subset, **context})
@@ -121,4 +134,21 @@ def open_tracker(cfg: Any, stage: str, main: bool = True) -> NullTracker:
     repo = str(tracking.get("repo") or ".")
     experiment = str(cfg.get("experiment_name") or "mpq")
     hparams = config_to_dict(cfg) or {}
-    return Tracker(repo=repo, experiment=experiment, run_name=stage, hparams=hparams, tags=[stage])
+    return Tracker(repo=repo, experiment=experiment, run_name=str(tracking.get("run_name") or stage), hparams=hparams,
+                   tags=[stage, *(tracking.get("tags") or [])], run_hash_file=tracking.get("run_hash_file"))
+
+
+def _previous_run(repo: str, run_hash_file: str | None) -> str | None:
+    """The run recorded in `run_hash_file` by an earlier attempt of the same run, if the repository
+    still holds it (a sweep's retried or restored trial continues its own Aim run)."""
+    if not run_hash_file or not Path(run_hash_file).exists():
+        return None
+    run_hash = Path(run_hash_file).read_text().strip()
+    if not run_hash or repo.startswith("aim://"):
+        return run_hash or None
+    try:
+        from aim import Repo
+
+        return run_hash if Repo.from_path(repo).run_exists(run_hash) else None
+    except Exception:  # no repository there any more: a new run
+        return None

@@ -1,0 +1,99 @@
+"""A sweep that joins a running Ray cluster: `tune.address=auto` against a head started by
+`ray start` on 127.0.0.1, and slurm/ray_sweep.sbatch on the development Slurm cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from framework.paths import REPO_ROOT
+from tests.conftest import read_json
+from tests.slurm.conftest import slurm_cluster  # noqa: F401  (the development cluster, as a fixture here too)
+from tests.tune.conftest import TINY_TRIAL
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SWEEP = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "search.epochs=1", "tune.scheduler.name=fifo",
+                 "tracking.enabled=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head --block` on 127.0.0.1 in its own process group, ended (the group only) afterwards."""
+    temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as slurm/ray_sweep.sbatch runs it
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                            start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "the Ray head did not come up"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_run, ray_head):
+    """The sweep in its own process, as `mpq sweep tune.address=auto` on a cluster node runs it."""
+    checkpoint = pretrained_run["result"]["artifacts"]["checkpoint"]
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
+    done = subprocess.run([sys.executable, "-m", "tests.tune.sweep_main", str(tmp_path), checkpoint, *CLUSTER_SWEEP,
+                           "tune.address=auto"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read_json(tmp_path / "result.json")
+    assert result["ray"]["mode"] == "cluster" and result["metrics"]["finished"] == 2
+    # the sweep leaves the cluster running
+    socket.create_connection(("127.0.0.1", int(ray_head.rsplit(":", 1)[1])), timeout=2).close()
+
+
+def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tmp_path):
+    from framework import pipeline
+
+    if "not available" in (pipeline.run_sweep.__doc__ or ""):
+        pytest.skip("`mpq sweep` is not wired to framework.tune.sweep.run_sweep yet")
+    cluster_env = request.getfixturevalue("slurm_cluster")  # brought up only when the test can run
+    checkpoint = request.getfixturevalue("pretrained_run")["result"]["artifacts"]["checkpoint"]
+    ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")
+    env = {**os.environ, **cluster_env, "MPQ_PYTHON": sys.executable, "MPQ_RUN_DIR": str(tmp_path / "sweep"),
+           "MPQ_RAY_PORT": str(_free_port()), "MPQ_RAY_TMP": ray_tmp}
+    overrides = [o for o in TINY_TRIAL if not o.startswith("tune.max_concurrent")]
+    done = subprocess.run(["sbatch", "--wait", "--time=10", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
+                           "slurm/ray_sweep.sbatch", f"init_checkpoint={checkpoint}", *overrides, *CLUSTER_SWEEP],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert done.returncode == 0, done.stderr + log[-4000:]
+    assert "Ray cluster up: 2 CPUs" in log
+    result = read_json(tmp_path / "sweep" / "result.json")
+    assert result["status"] == "ok" and result["metrics"]["finished"] == 2 and result["ray"]["mode"] == "cluster"
