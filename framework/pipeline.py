@@ -402,7 +402,14 @@ def _not_available(stage: str):
     return run
 
 
-run_sweep = _not_available("sweep")
+def run_sweep(cfg: DictConfig) -> Result:
+    """Many proxy searches as one Ray Tune sweep, and the policy picked from them
+    (framework.tune.sweep.run_sweep)."""
+    from framework.tune.sweep import run_sweep as sweep
+
+    return sweep(cfg)
+
+
 run_export = _not_available("export")
 
 
@@ -425,7 +432,12 @@ def run_pipeline(cfg: DictConfig) -> Result:
     pretrain (full precision, target data) -> search (policy on the proxy data, from the pretrained
     checkpoint) -> finetune (the target model under the searched policy) -> evaluate (the quantized
     checkpoint). `pipeline.policy=uniform:W/A` (or a policy file) skips the search and fine-tunes
-    that policy instead, for baselines.
+    that policy instead, for baselines. `pipeline.sweep=true` runs a Ray Tune sweep (`tune.*`,
+    framework.tune) in place of the single search and fine-tunes and evaluates the `tune.top_k`
+    best policies under the budget (by proxy top-1): the first in `finetune/` and `evaluate/`, the
+    others in `finetune_top<i>/` and `evaluate_top<i>/`. The summary's headline is the sweep's
+    selected policy (the best on the proxy); the others are listed beside it, since picking among
+    them by their test top-1 would select on the test split.
     """
     stage = "pipeline"
     run_dir = _run_dir(cfg, stage)
@@ -441,16 +453,35 @@ def run_pipeline(cfg: DictConfig) -> Result:
     pre = timed("pretrain", run_pretrain, _sub_config(cfg, run_dir / "pretrain"))
     fp_checkpoint = pre.artifacts["checkpoint"]
     fixed_policy = OmegaConf.select(cfg, "pipeline.policy")
+    policy_stage = None
+    candidates: list[dict[str, Any]] = []  # the policies to fine-tune, best first
     if fixed_policy:
-        policy_path = str(fixed_policy)
+        candidates.append({"policy": str(fixed_policy)})
+    elif OmegaConf.select(cfg, "pipeline.sweep", default=False):
+        policy_stage = "sweep"
+        swept = timed("sweep", run_sweep, _sub_config(cfg, run_dir / "sweep", init_checkpoint=fp_checkpoint))
+        artifacts.update(policy=swept.artifacts["policy"], pareto_plot=swept.artifacts["pareto_plot"])
+        for rank, top in enumerate(swept.extra["selection"]["top"]):
+            # the best is the sweep's policy.json, which adds the sweep's provenance to the trial's
+            policy = swept.artifacts["policy"] if rank == 0 else top["policy"]
+            candidates.append({"trial": top["key"], "policy": policy, "proxy_top1": top["proxy_top1"],
+                               "proxy_bitops": top["bitops"]})
     else:
+        policy_stage = "search"
         found = timed("search", run_search, _sub_config(cfg, run_dir / "search", init_checkpoint=fp_checkpoint))
-        policy_path = found.artifacts["policy"]
-        artifacts["policy"] = policy_path
-    fine = timed("finetune", run_finetune,
-                 _sub_config(cfg, run_dir / "finetune", init_checkpoint=fp_checkpoint, policy=policy_path))
-    ev = timed("evaluate", run_evaluate, _sub_config(cfg, run_dir / "evaluate", checkpoint=fine.artifacts["checkpoint"]))
-    artifacts.update(fp_checkpoint=fp_checkpoint, checkpoint=fine.artifacts["checkpoint"])
+        artifacts["policy"] = found.artifacts["policy"]
+        candidates.append({"policy": found.artifacts["policy"]})
+    for rank, candidate in enumerate(candidates):
+        suffix = "" if rank == 0 else f"_top{rank + 1}"
+        fine = timed(f"finetune{suffix}", run_finetune, _sub_config(
+            cfg, run_dir / f"finetune{suffix}", init_checkpoint=fp_checkpoint, policy=candidate["policy"]))
+        evaluated = timed(f"evaluate{suffix}", run_evaluate,
+                          _sub_config(cfg, run_dir / f"evaluate{suffix}", checkpoint=fine.artifacts["checkpoint"]))
+        candidate.update(checkpoint=fine.artifacts["checkpoint"], top1=evaluated.metrics["top1"],
+                         gbitops=evaluated.metrics["gbitops"])
+        if rank == 0:
+            ev = evaluated
+            artifacts.update(fp_checkpoint=fp_checkpoint, checkpoint=fine.artifacts["checkpoint"])
 
     metrics = {
         "fp_top1": pre.metrics["top1"],
@@ -462,12 +493,15 @@ def run_pipeline(cfg: DictConfig) -> Result:
         "seconds": round(sum(r["seconds"] for r in rows), 2),
         "stage_seconds": {r["stage"]: round(r["seconds"], 2) for r in rows},
     }
-    if "search" in metrics["stage_seconds"]:
+    extra: dict[str, Any] = {"stages": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "run_dir": str(run_dir)}
+    if policy_stage is not None:
         metrics["proxy_top1"] = rows[1]["metrics"].get("proxy_top1")
-    result = Result(stage, metrics=metrics, artifacts=artifacts,
-                    extra={"stages": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "run_dir": str(run_dir)})
+    if policy_stage == "sweep":
+        metrics["selected_trial"] = rows[1]["metrics"]["selected_trial"]
+        extra["finetuned"] = candidates
+    result = Result(stage, metrics=metrics, artifacts=artifacts, extra=extra)
     write_result(run_dir, result, cfg)
-    print(format_summary(cfg, metrics, rows, run_dir))
+    print(format_summary(cfg, metrics, rows, run_dir, policy_stage, candidates))
     return result
 
 
@@ -475,14 +509,18 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
     if stage == "search":
         repaired = " (repaired to budget)" if m.get("repair_applied") else ""
         return f"proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps{repaired}"
-    if stage == "evaluate":
+    if stage == "sweep":
+        return (f"{m['finished']} of {m['trials']} trials finished ({m['stopped']} stopped early); selected trial "
+                f"{m['selected_trial']}: proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps")
+    if stage.startswith("evaluate"):
         return f"top-1 {100 * m['top1']:.2f} % on {m['samples']} test images"
     return f"top-1 {100 * m['top1']:.2f} % ({m['steps']} steps)"
 
 
-def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> str:
+def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path,
+                   policy_stage: str | None = "search", candidates: list[dict[str, Any]] | None = None) -> str:
     """The table `mpq pipeline` prints at the end."""
-    method = "fixed policy" if "search" not in metrics["stage_seconds"] else str(cfg.search.method)
+    method = {None: "fixed policy", "search": str(cfg.search.method)}.get(policy_stage, "Ray Tune sweep")
     lines = [
         "",
         f"mpq pipeline summary: {cfg.model.name} on {cfg.data.name}, policy searched on {cfg.proxy.name} ({method})",
@@ -491,13 +529,19 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         f"(searched layers, MAC-weighted), {metrics['gbitops']:.4f} GBitOps, {metrics['size_mb']:.4f} MB",
         f"  quantized top-1        {100 * metrics['top1']:6.2f} %",
         "",
-        f"  {'stage':<10}{'time (s)':>10}   result",
+        f"  {'stage':<14}{'time (s)':>10}   result",
     ]
     for row in rows:
         note = _stage_note(row["stage"], row["metrics"])
-        lines.append(f"  {row['stage']:<10}{row['seconds']:>10.1f}   {note}")
-    lines.append(f"  {'total':<10}{sum(r['seconds'] for r in rows):>10.1f}")
-    lines.append(f"outputs: {run_dir}  (result.json; pretrain/, search/policy.json, finetune/checkpoints/)")
+        lines.append(f"  {row['stage']:<14}{row['seconds']:>10.1f}   {note}")
+    lines.append(f"  {'total':<14}{sum(r['seconds'] for r in rows):>10.1f}")
+    if policy_stage == "sweep" and len(candidates or []) > 1:
+        lines += ["", f"  {'policy':<8}{'trial':<14}{'proxy top-1':>12}{'GBitOps':>10}{'top-1':>10}   (best on the proxy first)"]
+        for rank, c in enumerate(candidates or []):
+            lines.append(f"  #{rank + 1:<7}{c['trial']:<14}{100 * c['proxy_top1']:>10.2f} %{c['gbitops']:>10.4f}"
+                         f"{100 * c['top1']:>8.2f} %")
+    where = {"search": "search/policy.json, ", "sweep": "sweep/policy.json, sweep/pareto.png, "}.get(policy_stage, "")
+    lines.append(f"outputs: {run_dir}  (result.json; pretrain/, {where}finetune/checkpoints/)")
     return "\n".join(lines)
 
 

@@ -81,8 +81,8 @@ def test_invalid_value(tmp_path):
 
 
 def test_stage_not_built_yet_fails_loudly(tmp_path):
-    proc = run_mpq("sweep", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
-    _assert_one_clear_line(proc, "'sweep' is not available yet")
+    proc = run_mpq("export", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
+    _assert_one_clear_line(proc, "'export' is not available yet")
     assert read_json(tmp_path / "result.json")["status"] == "error"
 
 

@@ -78,10 +78,6 @@ def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_run, r
 
 
 def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tmp_path):
-    from framework import pipeline
-
-    if "not available" in (pipeline.run_sweep.__doc__ or ""):
-        pytest.skip("`mpq sweep` is not wired to framework.tune.sweep.run_sweep yet")
     cluster_env = request.getfixturevalue("slurm_cluster")  # brought up only when the test can run
     checkpoint = request.getfixturevalue("pretrained_run")["result"]["artifacts"]["checkpoint"]
     ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")

@@ -1,0 +1,50 @@
+"""`mpq sweep` and `mpq pipeline pipeline.sweep=true` as a user runs them, in a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import read_json, run_mpq
+
+TWO_SEEDS = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.scheduler.name=fifo", "tune.num_cpus=2",
+             "search.quant.fused=false"]
+
+
+def test_sweep_without_a_checkpoint_is_one_clear_line(tmp_path):
+    proc = run_mpq("sweep", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mpq sweep: error:") and "init_checkpoint=" in lines[0], proc.stderr
+    assert read_json(tmp_path / "result.json")["status"] == "error"
+
+
+def _layers(path: str | Path) -> list:
+    return read_json(Path(path))["layers"]
+
+
+def test_pipeline_with_a_sweep_finetunes_the_top_k_policies(tmp_path):
+    proc = run_mpq("pipeline", "experiment=smoke", "pipeline.sweep=true", "tune.top_k=2", *TWO_SEEDS,
+                   f"hydra.run.dir={tmp_path}", f"tracking.repo={tmp_path / 'aim'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = read_json(tmp_path / "result.json")
+    assert [row["stage"] for row in result["stages"]] == [
+        "pretrain", "sweep", "finetune", "evaluate", "finetune_top2", "evaluate_top2"]
+    sweep = read_json(tmp_path / "sweep" / "result.json")
+    assert sweep["metrics"]["finished"] == 2 and (tmp_path / "sweep" / "pareto.png").exists()
+    top = sweep["selection"]["top"]
+    assert [t["key"] for t in top] == [t["trial"] for t in result["finetuned"]]
+    assert top[0]["key"] == sweep["metrics"]["selected_trial"] == result["metrics"]["selected_trial"]
+    assert top[0]["proxy_top1"] >= top[1]["proxy_top1"]
+
+    # each fine-tuning ran its own policy, and each evaluation scored its own fine-tuned checkpoint
+    for suffix, chosen in (("", sweep["artifacts"]["policy"]), ("_top2", top[1]["policy"])):
+        fine = read_json(tmp_path / f"finetune{suffix}" / "result.json")
+        assert _layers(fine["artifacts"]["policy"]) == _layers(chosen)
+        evaluated = read_json(tmp_path / f"evaluate{suffix}" / "result.json")
+        assert evaluated["config"]["checkpoint"] == fine["artifacts"]["checkpoint"]
+        assert evaluated["metrics"]["top1"] == fine["metrics"]["top1"]
+    assert _layers(sweep["artifacts"]["policy"]) == _layers(top[0]["policy"])
+    assert result["metrics"]["top1"] == read_json(tmp_path / "evaluate" / "result.json")["metrics"]["top1"]
+    assert result["finetuned"][1]["top1"] == read_json(tmp_path / "evaluate_top2" / "result.json")["metrics"]["top1"]
+    for text in ("Ray Tune sweep", "2 of 2 trials finished", "best on the proxy first", "sweep/pareto.png"):
+        assert text in proc.stdout, proc.stdout[-2000:]
