@@ -1,4 +1,5 @@
-"""Figures people would rather look at than read: the per-layer bits of a policy."""
+"""Figures people would rather look at than read: the per-layer bits of a policy, the bit-width
+probabilities of a search."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ if TYPE_CHECKING:
     from framework.policy import Policy
 
 
-def plot_policy(policy: Policy, path: str | Path) -> Path:
-    """A bar chart of weight and activation bits per layer (execution order); fixed layers hatched."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), its logger quiet."""
     import logging
 
     import matplotlib
@@ -18,6 +19,22 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, **savefig: object) -> Path:
+    """Write `fig` to `path` (folders made as needed), close it, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, **savefig)
+    pyplot().close(fig)
+    return path
+
+
+def plot_policy(policy: Policy, path: str | Path) -> Path:
+    """A bar chart of weight and activation bits per layer (execution order); fixed layers hatched."""
+    plt = pyplot()
 
     names = list(policy.layers)
     w = [policy.layers[n].w_bits for n in names]
@@ -50,24 +67,14 @@ def plot_policy(policy: Policy, path: str | Path) -> Path:
     ax.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bit_probabilities(
     probs: dict[str, dict[str, list[float]]], candidates: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], path: str | Path
 ) -> Path:
     """Heat-maps of the searched layers' bit-width probabilities (softmax of the logits)."""
-    import logging
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = list(probs)
@@ -83,8 +90,4 @@ def plot_bit_probabilities(
     axes[0].set_yticks(range(len(names)))
     axes[0].set_yticklabels(names, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")

@@ -19,13 +19,9 @@ def plot_pareto(
     budget as a dashed line and the selected policy as a star; trials stopped early appear hollow
     at their last reported accuracy and expected BitOps. Each point is labelled with its trial index.
     """
-    import logging
+    from framework.track.figures import pyplot, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     finished = [t for t in trials if t.get("status") == "finished"]
@@ -54,8 +50,4 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
