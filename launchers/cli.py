@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "export": "export integer weights of a quantized model",
     "cost": "MACs, BitOps and size of a model under a policy, without data",
     "pipeline": "the stages that exist, in order, with a summary table",
+    "prepare": "write FFCV .beton files of the data (and proxy) for data.loader=ffcv",
 }
 
 USAGE = (
