@@ -129,5 +129,10 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, f"{node}.channels", 1)
         _int(cfg, f"{node}.num_workers", 0)
         _int(cfg, f"{node}.input_size", 1, optional=True)
+        _one_of(cfg, f"{node}.loader", ("torch", "ffcv"), optional=True)
+        _one_of(cfg, f"{node}.ffcv.order", ("random", "quasi_random"), optional=True)
+        _one_of(cfg, f"{node}.ffcv.write.mode", ("raw", "jpg", "smart", "proportion"), optional=True)
+        _int(cfg, f"{node}.ffcv.write.max_resolution", 1, optional=True)
+        _int(cfg, f"{node}.ffcv.write.workers", 1, optional=True)
         if _get(cfg, f"{node}.channels") not in (1, 3):
             raise MPQError(f"{node}.channels={_get(cfg, f'{node}.channels')!r} is invalid: expected 1 or 3")

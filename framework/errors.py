@@ -17,6 +17,6 @@ class StageNotAvailable(MPQError):
     def __init__(self, stage: str):
         super().__init__(
             f"stage '{stage}' is not available yet in this version of mpq-framework; "
-            f"the stages that run now are: pretrain, search, sweep, finetune, evaluate, cost, pipeline"
+            f"the stages that run now are: prepare, pretrain, search, sweep, finetune, evaluate, cost, pipeline"
         )
         self.stage = stage

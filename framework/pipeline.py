@@ -402,6 +402,33 @@ def _not_available(stage: str):
     return run
 
 
+def run_prepare(cfg: DictConfig) -> Result:
+    """Write the FFCV `.beton` files `data.loader=ffcv` reads: the `prepare.splits` of `cfg.data`
+    (and of `cfg.proxy` with `prepare.proxy=true`), with the write options of `data.ffcv.write`.
+
+    Files that exist, are whole and were written with the same options are skipped unless
+    `prepare.force=true` (:func:`framework.data.beton.write_beton`). `artifacts` maps
+    `<dataset>_<split>` to each file; `metrics` counts the files written and skipped.
+    """
+    from framework.data.beton import prepare_betons
+
+    stage = "prepare"
+    run_dir = _run_dir(cfg, stage)
+    pcfg = cfg.get("prepare") or {}
+    splits, force = list(pcfg.get("splits") or ("train", "test")), bool(pcfg.get("force", False))
+    started = time.time()
+    reports = prepare_betons(cfg.data, splits, force)
+    if pcfg.get("proxy"):
+        reports += prepare_betons(cfg.proxy, splits, force)
+    metrics = {"written": sum(r["status"] == "written" for r in reports),
+               "skipped": sum(r["status"] == "skipped" for r in reports),
+               "bytes": sum(int(r["bytes"]) for r in reports), "seconds": round(time.time() - started, 2)}
+    result = Result(stage, metrics=metrics, artifacts={f"{r['dataset']}_{r['split']}": r["path"] for r in reports},
+                    extra={"files": reports})
+    write_result(run_dir, result, cfg)
+    return result
+
+
 def run_sweep(cfg: DictConfig) -> Result:
     """Many proxy searches as one Ray Tune sweep, and the policy picked from them
     (framework.tune.sweep.run_sweep)."""

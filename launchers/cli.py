@@ -19,6 +19,7 @@ from framework.paths import CONF_DIR
 
 #: every stage of the command, in pipeline order, with a one-line description
 STAGES: dict[str, str] = {
+    "prepare": "write FFCV .beton files of the data (and proxy) for data.loader=ffcv",
     "pretrain": "train the full-precision model on the target data",
     "search": "search a mixed-precision policy on the proxy data",
     "sweep": "run many proxy searches (Ray Tune) and pick the policy under a budget",

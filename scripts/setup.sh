@@ -81,6 +81,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/pip" check >/dev/null
   echo "$want" > "$stamp"
 fi
+# foolbox ships 60 real labelled photos (ImageNet, CIFAR-10/100) that scripts/make_imagenet_like.py
+# uses as scenes. Only its data files are wanted: it goes into data/, outside the venv, without its
+# dependencies (so `pip check` of the venv stays clean).
+if [ ! -d "$DATA/foolbox-3.3.4/foolbox/data" ]; then
+  say "foolbox==3.3.4 photos -> $DATA/foolbox-3.3.4 (--no-deps, data files only)"
+  quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+  quiet "$VENV/bin/pip" install -q --no-deps --no-compile --target "$DATA/foolbox-3.3.4" foolbox==3.3.4 || \
+    say "could not install foolbox's photos; scripts/make_imagenet_like.py then uses mosaics of the datasets"
+fi
 # Telemetry off, once per machine (the code also sets the environment variables).
 if [ ! -f "$VENV/.mpq-telemetry-off" ]; then
   AIM_UI_TELEMETRY_ENABLED=0 "$VENV/bin/aim" telemetry off >/dev/null 2>&1 || true

@@ -1,4 +1,6 @@
-"""Data loaders. `data.loader=torch` is torchvision's path through `torch.utils.data.DataLoader`.
+"""Data loaders. `data.loader=torch` is torchvision's path through `torch.utils.data.DataLoader`;
+`data.loader=ffcv` reads `.beton` files written by `mpq prepare` (:mod:`framework.data.ffcv_loader`)
+with the same samplers, so both loaders give the same samples in the same order to the same ranks.
 
 Training loaders draw their order from :class:`EpochSampler`: the permutation of epoch `e` depends
 only on `(seed, e)`, and an epoch can start at any position, so a resumed run sees exactly the
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from framework.errors import MPQError
 
-LOADERS = ("torch",)
+LOADERS = ("torch", "ffcv")
 
 
 class EpochSampler(Sampler[int]):
@@ -51,10 +53,14 @@ class EpochSampler(Sampler[int]):
         if self.generator is not None:
             self.generator.manual_seed(self.seed * 1_000_003 + self.epoch + 7919 * self.rank)
 
+    def permutation(self) -> torch.Tensor:
+        """The whole epoch's order of the `size` samples, from `(seed, epoch)` alone."""
+        order = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=order)
+
     def rank_order(self) -> torch.Tensor:
         """This rank's samples of the epoch, in the order it consumes them."""
-        order = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=order)[: self.steps * self.global_batch]
+        perm = self.permutation()[: self.steps * self.global_batch]
         b, a, w = self.micro_batch, self.accumulation, self.world_size
         # [step, micro-step m, rank r, sample] with micro-batch index m * W + r
         return perm.view(self.steps, a, w, b)[:, :, self.rank, :].reshape(-1)
@@ -83,7 +89,7 @@ def build_loader(
     dataset: Dataset, batch_size: int, train: bool, data_cfg: Any, seed: int = 0,
     accumulation: int = 1, rank: int = 0, world_size: int = 1,
 ) -> DataLoader:
-    """A loader over `dataset` for rank `rank` of `world_size`.
+    """A loader over `dataset` for rank `rank` of `world_size` (`data_cfg.loader`: torch or ffcv).
 
     Training: shuffled by :class:`EpochSampler` with micro-batch `batch_size`; each loader batch holds
     the `accumulation` micro-batches of one optimizer step (`batch_size * accumulation` samples).
@@ -91,7 +97,10 @@ def build_loader(
     """
     kind = str(data_cfg.get("loader", "torch"))
     if kind == "ffcv":
-        raise MPQError("data.loader=ffcv is not available yet in this version; use data.loader=torch")
+        from framework.data.ffcv_loader import build_ffcv_loader
+
+        return build_ffcv_loader(dataset, batch_size, train, data_cfg, seed=seed, accumulation=accumulation,
+                                 rank=rank, world_size=world_size)
     if kind not in LOADERS:
         raise MPQError(f"unknown data.loader '{kind}'; choose one of: torch, ffcv")
     generator = torch.Generator()

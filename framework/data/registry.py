@@ -117,4 +117,5 @@ def build_dataset(data_cfg: Any, split: str, train_transforms: bool | None = Non
         info.update(fraction=fraction, per_class=per_class, indices_hash=indices_hash(indices))
     info["size"] = len(dataset)  # type: ignore[arg-type]
     dataset.mpq_info = info  # type: ignore[attr-defined]
+    dataset.mpq_train_transforms = bool(train_transforms)  # type: ignore[attr-defined]  (the FFCV loader's pipeline)
     return dataset

@@ -7,7 +7,7 @@ import pytest
 from framework.paths import REPO_ROOT
 from tests.conftest import read_json, run_mpq
 
-STAGES = ["pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
+STAGES = ["prepare", "pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
 
 
 def test_help_lists_every_stage():

@@ -1,0 +1,159 @@
+"""Loader throughput on JPEGs: the FFCV loader against torchvision's ImageFolder with a DataLoader.
+
+Measures, in one run, the images per second each loader delivers on an ImageNet-shaped JPEG tree
+(``scripts/make_imagenet_like.py`` builds one from the real images installed here), both as the
+framework builds them for ``data=imagefolder`` training (``framework.data.build_loader``):
+
+- ``torch``: ``torchvision.datasets.ImageFolder`` + ``torch.utils.data.DataLoader`` with
+  ``--workers`` worker processes; PIL decodes each JPEG, then ``RandomResizedCrop(224)``,
+  ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (``framework.data.transforms``);
+- ``ffcv``: ``data.loader=ffcv`` on a beton written by ``mpq prepare`` in JPEG mode at the tree's own
+  resolution and quality (``data.ffcv.write.mode=jpg``, ``max_resolution=null``, quality 90, the
+  tree's), so both sides decode full-size JPEGs; libjpeg-turbo decodes, then
+  ``RandomResizedCropRGBImageDecoder(224)``, ``RandomHorizontalFlip``, and the same normalisation
+  (``framework.data.ffcv_loader``), with ``--workers`` decoding threads.
+
+Same samples (the framework's sampler, same seed), same batch size, same crop size, same worker
+count, both yielding normalised float batches. Each side takes ``--warmup`` batches (worker start-up,
+FFCV's JIT compilation), then ``--batches`` batches are timed with ``time.perf_counter()``. The sides
+alternate over ``--rounds`` rounds (the first side rotating) and the median per side is reported.
+The beton is written on the first run (``prepare`` skips it afterwards) and is not timed.
+
+    .venv/bin/python scripts/make_imagenet_like.py                  # once: data/imagenet_like
+    .venv/bin/python benchmarks/loaders.py [--root data/imagenet_like] [--workers 2] [--batch-size 128]
+
+The last line printed is ``ratio: ffcv/torch=<x>`` (images per second; the target is >= 2).
+Timings on a shared machine are noisy; only the ratio of the two sides, measured together, is quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET = 2.0  # min images/s of FFCV over torchvision
+SIDES = ("torch", "ffcv")
+
+
+def parse_args() -> argparse.Namespace:
+    from framework.paths import default_data_root
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=default_data_root() / "imagenet_like",
+                        help="ImageFolder tree with train/ (scripts/make_imagenet_like.py)")
+    parser.add_argument("--beton-dir", type=Path, default=None, help="data.ffcv.dir (default: data/ffcv)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="DataLoader worker processes and FFCV decoding threads")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224, help="RandomResizedCrop output side")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per side and round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before the clock starts")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of alternating torch and ffcv runs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    if args.batches < 1 or args.rounds < 1 or args.warmup < 0 or args.workers < 1:
+        parser.error("--batches, --rounds and --workers must be >= 1, --warmup >= 0")
+    if not (args.root / "train").is_dir():
+        parser.error(f"{args.root}/train not found: build the tree with .venv/bin/python scripts/make_imagenet_like.py "
+                     f"--out {args.root}")
+    return args
+
+
+def _config(args: argparse.Namespace, loader: str):
+    from hydra import compose, initialize_config_dir
+
+    from framework.paths import CONF_DIR
+
+    overrides = [
+        "stage=pretrain", "data=imagefolder", f"data.root={args.root.resolve()}", f"data.loader={loader}",
+        f"data.num_workers={args.workers}", f"data.input_size={args.size}", "data.channels=3",
+        "data.ffcv.write.mode=jpg", "data.ffcv.write.max_resolution=null", "data.ffcv.write.jpeg_quality=90",
+    ]
+    if args.beton_dir is not None:
+        overrides.append(f"data.ffcv.dir={args.beton_dir.resolve()}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _tree_quality(root: Path) -> int:
+    try:
+        return int(json.loads((root / "manifest.json").read_text())["options"]["quality"])
+    except (OSError, ValueError, KeyError):
+        return 90
+
+
+def measure(loader, epoch: int, warmup: int, batches: int) -> float:
+    """Images per second over `batches` batches after `warmup` untimed ones (one fresh pass)."""
+    loader.sampler.set_epoch(epoch)
+    it = iter(loader)
+    try:
+        for _ in range(warmup):
+            next(it)
+        seen = 0
+        started = time.perf_counter()
+        for _ in range(batches):
+            images, labels = next(it)
+            seen += len(labels)
+        elapsed = time.perf_counter() - started
+    finally:
+        if hasattr(it, "close"):  # the FFCV loader's generator; torch's persistent workers stay for the next pass
+            it.close()
+    return seen / elapsed
+
+
+def main() -> int:
+    args = parse_args()
+    from omegaconf import open_dict
+
+    from framework.data import build_dataset, build_loader
+    from framework.data.beton import prepare_betons
+
+    cfgs = {side: _config(args, side) for side in SIDES}
+    quality = _tree_quality(args.root)
+    for cfg in cfgs.values():
+        with open_dict(cfg):
+            cfg.data.ffcv.write.jpeg_quality = quality
+    prepare_betons(cfgs["ffcv"].data, ["train"])  # untimed; skipped when the beton exists
+
+    dataset = build_dataset(cfgs["torch"].data, "train")
+    need = (args.warmup + args.batches) * args.batch_size
+    if len(dataset) < need:
+        raise SystemExit(f"{args.root}/train has {len(dataset)} images; --warmup + --batches need {need}")
+    loaders = {side: build_loader(dataset, args.batch_size, True, cfgs[side].data, seed=0) for side in SIDES}
+    print(f"{len(dataset)} JPEGs in {args.root}/train, batch {args.batch_size}, RandomResizedCrop {args.size}, "
+          f"{args.workers} workers; {args.warmup} warm-up + {args.batches} timed batches x {args.rounds} rounds")
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    for r in range(args.rounds):
+        order = SIDES if r % 2 == 0 else SIDES[::-1]
+        for side in order:
+            rate = measure(loaders[side], epoch=r + 1, warmup=args.warmup, batches=args.batches)
+            rates[side].append(rate)
+            print(f"  round {r + 1}  {side:<6} {rate:8.1f} images/s", flush=True)
+    median = {side: statistics.median(rates[side]) for side in SIDES}
+    ratio = median["ffcv"] / median["torch"]
+    print(f"torch (ImageFolder + DataLoader): {median['torch']:.1f} images/s")
+    print(f"ffcv  (data.loader=ffcv, JPEG):   {median['ffcv']:.1f} images/s")
+    print(f"target: ffcv >= {TARGET:.1f}x torch -> {'met' if ratio >= TARGET else 'not met'}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "loaders", "images": len(dataset), "batch_size": args.batch_size, "size": args.size,
+            "workers": args.workers, "batches": args.batches, "warmup": args.warmup, "rounds": args.rounds,
+            "images_per_s": rates, "median": median, "ratio": ratio, "target": TARGET,
+            "cores": len(os.sched_getaffinity(0)),
+            "versions": {p: metadata.version(p) for p in ("torch", "torchvision", "ffcv", "pillow")},
+        }, indent=2) + "\n")
+    print(f"ratio: ffcv/torch={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
