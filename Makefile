@@ -18,7 +18,7 @@ test-all: setup
 	@MPQ_TEST_SLOW=1 bash scripts/run_tests.sh $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check framework launchers tests benchmarks
+	$(VENV)/bin/ruff check framework launchers tests benchmarks scripts
 
 clean-outputs:
 	rm -rf outputs multirun

@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PYTEST=("$ROOT/.venv/bin/python" -m pytest)
+PYTEST=("$ROOT/.venv/bin/python" -m pytest --durations=15)  # the 15 slowest tests, to keep the suite in budget
 if [ "${MPQ_TEST_SLOW:-0}" != "1" ]; then PYTEST+=(-m "not slow"); fi
 export RAY_USAGE_STATS_ENABLED=0 AIM_UI_TELEMETRY_ENABLED=0 GLOO_SOCKET_IFNAME=lo
 

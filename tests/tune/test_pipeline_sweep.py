@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import read_json, run_mpq
 
 TWO_SEEDS = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.scheduler.name=fifo", "tune.num_cpus=2",
@@ -22,6 +24,7 @@ def _layers(path: str | Path) -> list:
     return read_json(Path(path))["layers"]
 
 
+@pytest.mark.slow  # ~90 s (pretrain, a 2-trial sweep, 2 fine-tunings): `make test-all`
 def test_pipeline_with_a_sweep_finetunes_the_top_k_policies(tmp_path):
     proc = run_mpq("pipeline", "experiment=smoke", "pipeline.sweep=true", "tune.top_k=2", *TWO_SEEDS,
                    f"hydra.run.dir={tmp_path}", f"tracking.repo={tmp_path / 'aim'}")
