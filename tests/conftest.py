@@ -96,3 +96,20 @@ def pretrained_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"run_dir": run_dir, "aim_repo": aim_repo, "proc": proc, "result": read_json(run_dir / "result.json")}
+
+
+def make_image_tree(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 30),
+                    suffix: str = ".jpg") -> Path:
+    """A tiny ImageFolder tree, `root/{train,val}/class_<c>/<i><suffix>`, of random RGB pixels
+    (every image unique; `.png` keeps them lossless), `size` being (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = Path(root) / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}{suffix}")
+    return Path(root)

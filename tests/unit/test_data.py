@@ -2,15 +2,14 @@
 
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
 from framework.data import build_dataset
 from framework.data.registry import targets_of
 from framework.errors import MPQError
+from tests.conftest import make_image_tree
 
 # Published class counts of MNIST (LeCun et al.); Fashion-MNIST is exactly balanced (Xiao et al. 2017).
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -60,19 +59,8 @@ def test_missing_dataset_names_the_setup_command(tmp_path):
         build_dataset(data_cfg("fashion_mnist", root=str(tmp_path / "nowhere")), "train")
 
 
-def _make_tree(root, classes=3, per_class=4, size=(40, 30)):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-
-
 def test_imagefolder_reads_train_and_val_trees(tmp_path):
-    _make_tree(tmp_path)
+    make_image_tree(tmp_path)
     cfg = data_cfg("imagefolder", root=str(tmp_path), input_size=24, channels=3)
     train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     assert len(train) == 12 and len(test) == 12

@@ -12,7 +12,7 @@ from PIL import Image
 from framework.data import build_dataset, build_loader
 from framework.data.beton import beton_path, check_beton, prepare_betons, sidecar_path, write_beton
 from framework.errors import MPQError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, make_image_tree
 
 
 def _data_cfg(*overrides: str):
@@ -25,18 +25,6 @@ def _with(data_cfg, **values):
         for key, value in values.items():
             cfg[key] = value
     return cfg
-
-
-def _tree(root, classes=3, per_class=5, size=(36, 28)):
-    """A tiny ImageFolder tree of lossless PNGs (random pixels, so every image is unique)."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def test_raw_beton_reads_back_identical_pixels_and_labels(tmp_path):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    root = _tree(tmp_path / "tree")
+    root = make_image_tree(tmp_path / "tree", per_class=5, size=(36, 28), suffix=".png")
     cfg = _data_cfg("data=imagefolder", f"data.root={root}", f"data.ffcv.dir={tmp_path / 'betons'}",
                     "data.ffcv.write.mode=raw", "data.ffcv.write.max_resolution=null", "data.ffcv.write.workers=1")
     report = write_beton(cfg, "train")
