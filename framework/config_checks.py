@@ -122,6 +122,9 @@ def check_config(cfg: DictConfig) -> None:
         _one_of(cfg, "finetune.sharpness.name", ("none", "sam", "asam", "asga", "saq"))
         _one_of(cfg, "finetune.sharpness.saq_case", (1, 2, 3), optional=True)
         _int(cfg, "finetune.sharpness.period", 1, optional=True)
+
+    from framework.data.beton import ORDERS, WRITE_MODES  # (no FFCV import)
+
     for node in ("data", "proxy"):
         _fraction(cfg, f"{node}.fraction")
         _fraction(cfg, f"{node}.test_fraction")
@@ -130,8 +133,10 @@ def check_config(cfg: DictConfig) -> None:
         _int(cfg, f"{node}.num_workers", 0)
         _int(cfg, f"{node}.input_size", 1, optional=True)
         _one_of(cfg, f"{node}.loader", ("torch", "ffcv"), optional=True)
-        _one_of(cfg, f"{node}.ffcv.order", ("random", "quasi_random"), optional=True)
-        _one_of(cfg, f"{node}.ffcv.write.mode", ("raw", "jpg", "smart", "proportion"), optional=True)
+        _one_of(cfg, f"{node}.ffcv.order", ORDERS, optional=True)
+        _one_of(cfg, f"{node}.ffcv.write.mode", WRITE_MODES, optional=True)
+        _int(cfg, f"{node}.ffcv.write.jpeg_quality", 1, optional=True)
+        _int(cfg, f"{node}.ffcv.batches_ahead", 1, optional=True)
         _int(cfg, f"{node}.ffcv.write.max_resolution", 1, optional=True)
         _int(cfg, f"{node}.ffcv.write.workers", 1, optional=True)
         if _get(cfg, f"{node}.channels") not in (1, 3):

@@ -404,7 +404,8 @@ def _not_available(stage: str):
 
 def run_prepare(cfg: DictConfig) -> Result:
     """Write the FFCV `.beton` files `data.loader=ffcv` reads: the `prepare.splits` of `cfg.data`
-    (and of `cfg.proxy` with `prepare.proxy=true`), with the write options of `data.ffcv.write`.
+    (and of `cfg.proxy` with `prepare.proxy=true`), with the write options of `data.ffcv.write`
+    (`proxy.ffcv.write` for the proxy's). A proxy that reads the data's own files is written once.
 
     Files that exist, are whole and were written with the same options are skipped unless
     `prepare.force=true` (:func:`framework.data.beton.write_beton`). `artifacts` maps
@@ -419,7 +420,8 @@ def run_prepare(cfg: DictConfig) -> Result:
     started = time.time()
     reports = prepare_betons(cfg.data, splits, force)
     if pcfg.get("proxy"):
-        reports += prepare_betons(cfg.proxy, splits, force)
+        done = {r["path"] for r in reports}
+        reports += [r for r in prepare_betons(cfg.proxy, splits, force) if r["path"] not in done]
     metrics = {"written": sum(r["status"] == "written" for r in reports),
                "skipped": sum(r["status"] == "skipped" for r in reports),
                "bytes": sum(int(r["bytes"]) for r in reports), "seconds": round(time.time() - started, 2)}

@@ -3,11 +3,11 @@
 A beton holds one split of a registered dataset, every sample of it in the dataset's own order
 (subsets such as `data.fraction` or a proxy's few % are chosen at load time by index, so one file
 serves them all). Each sample is `image` (an FFCV `RGBImageField`; gray datasets are stored with the
-gray value replicated into R, G and B, which the loader takes back to one channel exactly) and
+gray value replicated into R, G and B, which the loader takes back to one channel, exactly in raw mode) and
 `label` (an `IntField`).
 
 Files are named after what decides their content, so betons written with other options sit side by
-side: `<data.ffcv.dir>/<dataset>/<split>-<mode>[-q<quality>][-max<resolution>].beton`, where
+side: `<data.ffcv.dir>/<dataset>/<split>-<mode>[-q<quality>][-p<probability>][-max<resolution>].beton`, where
 `<dataset>` is the registered name (for an ImageFolder tree, `imagefolder-<folder name>-<hash of
 its absolute path>`). Next to each file, `<file>.json` records the write options, the sample count,
 the byte size and the source. A beton is written to a temporary name in the same folder and renamed
@@ -43,7 +43,7 @@ from framework.results import atomic_write_text
 log = logging.getLogger(__name__)
 
 SCHEMA = "mpq-beton/1"
-WRITE_MODES = ("raw", "jpg", "smart", "proportion")
+WRITE_MODES = ("raw", "jpg", "proportion")
 ORDERS = ("random", "quasi_random")
 SPLITS = ("train", "test")
 
@@ -59,11 +59,18 @@ def write_options(data_cfg: Any) -> dict[str, Any]:
     if mode not in WRITE_MODES:
         raise MPQError(f"data.ffcv.write.mode={mode!r} is invalid: choose one of {', '.join(WRITE_MODES)}")
     max_res = select(data_cfg, "ffcv.write.max_resolution")
-    options: dict[str, Any] = {"mode": mode, "max_resolution": int(max_res) if max_res else None}
-    if mode != "raw":
-        options["jpeg_quality"] = int(select(data_cfg, "ffcv.write.jpeg_quality", 90))
-    if mode == "proportion":
-        options["compress_probability"] = float(select(data_cfg, "ffcv.write.compress_probability", 0.5))
+    try:
+        options: dict[str, Any] = {"mode": mode, "max_resolution": int(max_res) if max_res else None}
+        if mode != "raw":
+            options["jpeg_quality"] = int(select(data_cfg, "ffcv.write.jpeg_quality", 90))
+        if mode == "proportion":
+            options["compress_probability"] = float(select(data_cfg, "ffcv.write.compress_probability", 0.5))
+    except (TypeError, ValueError) as err:
+        raise MPQError(f"data.ffcv.write: {err}; max_resolution and jpeg_quality are whole numbers, "
+                       f"compress_probability a number in [0, 1]") from None
+    if not 1 <= options.get("jpeg_quality", 90) <= 100 or not 0 <= options.get("compress_probability", 0.5) <= 1:
+        raise MPQError(f"data.ffcv.write: jpeg_quality must be in 1-100 and compress_probability in [0, 1], got "
+                       f"{options.get('jpeg_quality')} and {options.get('compress_probability')}")
     return options
 
 
@@ -118,8 +125,7 @@ def prepare_command(data_cfg: Any) -> str:
         parts.append(f"data.ffcv.dir={select(data_cfg, 'ffcv.dir')}")
     options = write_options(data_cfg)
     parts.append(f"data.ffcv.write.mode={options['mode']}")
-    if options["max_resolution"]:
-        parts.append(f"data.ffcv.write.max_resolution={options['max_resolution']}")
+    parts.append(f"data.ffcv.write.max_resolution={options['max_resolution'] or 'null'}")
     if "jpeg_quality" in options:
         parts.append(f"data.ffcv.write.jpeg_quality={options['jpeg_quality']}")
     if "compress_probability" in options:
@@ -164,12 +170,14 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and info.get("schema") == SCHEMA else None
 
 
-def check_beton(data_cfg: Any, split: str, expected_samples: int | None = None) -> tuple[Path, dict[str, Any]]:
+def check_beton(data_cfg: Any, split: str, expected_samples: int | None = None,
+                expected_classes: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """The beton of `split` for `data_cfg` and its sidecar, after checking that it is whole.
 
     Raises one :class:`MPQError` naming the file and the `mpq prepare` command that (re)writes it
     when the file is missing, incomplete, truncated, corrupt, or holds another number of samples
-    than the dataset (`expected_samples`, the size of the full split).
+    than the dataset (`expected_samples`, the size of the full split) or, for an image tree, other
+    class folders (`expected_classes`).
     """
     path = beton_path(data_cfg, split)
     command = prepare_command(data_cfg)
@@ -189,6 +197,9 @@ def check_beton(data_cfg: Any, split: str, expected_samples: int | None = None) 
     except ValueError as err:
         raise MPQError(f"data.loader=ffcv: {path} is corrupt: {err}; rewrite it with: {command} "
                        f"prepare.force=true") from None
+    if expected_classes is not None and info.get("classes") is not None and list(info["classes"]) != list(expected_classes):
+        raise MPQError(f"data.loader=ffcv: {path} was written from other classes than the {split} split of "
+                       f"'{data_cfg.name}' now has (the tree changed); rewrite it with: {command} prepare.force=true")
     if expected_samples is not None and int(info["samples"]) != int(expected_samples):
         raise MPQError(f"data.loader=ffcv: {path} holds {info['samples']} samples but the {split} split of "
                        f"'{data_cfg.name}' has {expected_samples} (the dataset changed); rewrite it with: {command} "
@@ -246,7 +257,7 @@ def write_beton(data_cfg: Any, split: str, force: bool = False) -> dict[str, Any
     options = write_options(data_cfg)
     if not force and path.is_file():
         try:
-            _, info = check_beton(data_cfg, split, samples)
+            _, info = check_beton(data_cfg, split, samples, getattr(source, "classes", None))
         except MPQError as err:
             log.warning("%s; writing it again", err)
         else:
@@ -270,6 +281,9 @@ def write_beton(data_cfg: Any, split: str, force: bool = False) -> dict[str, Any
             raise MPQError(f"{len(failures)} image(s) of {data_cfg.name}/{split} could not be read, e.g. "
                            f"{failures[0].read_text().strip()}; fix or remove them and run mpq prepare again")
         found = _structure(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        sidecar_path(path).unlink(missing_ok=True)  # a kill after the rename leaves a file without a sidecar: rewritten
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -287,10 +301,13 @@ def write_beton(data_cfg: Any, split: str, force: bool = False) -> dict[str, Any
 
 def prepare_betons(data_cfg: Any, splits: Any = SPLITS, force: bool = False) -> list[dict[str, Any]]:
     """Write (or find up to date) the betons of `splits` of the dataset in `data_cfg`."""
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown or not splits:
+        raise MPQError(f"prepare.splits={splits!r}: unknown or no split {unknown[:1]}; choose from {', '.join(SPLITS)}")
+    write_options(data_cfg)  # bad write options are one error before anything is written
     reports = []
     for split in splits:
-        if split not in SPLITS:
-            raise MPQError(f"prepare.splits: unknown split {split!r}; choose from {', '.join(SPLITS)}")
         report = write_beton(data_cfg, str(split), force=force)
         print(f"mpq prepare: {report['status']} {report['path']} ({report['samples']} samples, "
               f"{report['bytes'] / 1e6:.1f} MB)", flush=True)

@@ -43,7 +43,9 @@ against PIL's antialiased bilinear), JPEG betons also by the codec's.
 The random augmentation draws come from FFCV's generator, not from the run's seed, so they are not
 reproduced by a resume (the sample order is).
 
-`data.num_workers` is FFCV's decoding threads (0 means 1: FFCV has no in-process mode).
+`data.num_workers` is FFCV's decoding threads (0 means 1: FFCV has no in-process mode; at most the
+cores numba sees). FFCV sets torch's thread count to its own worker count; the loader puts the run's
+back, so the model's compute keeps `threads`.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
     else:
         image += [ToTensor(), *to_device, ToTorchImage(),
                   ToModelInput(spec.native_channels == 1, channels, resize, norm.mean, norm.std)]
-    label = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+    label = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]  # N x 1 -> N (a batch of one stays a batch)
     return {"image": image, "label": label}
 
 
@@ -167,6 +169,14 @@ def _explicit_order_loader() -> type:
             return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     return ExplicitOrderLoader
+
+
+def _decoding_threads(data_cfg: Any) -> int:
+    """`data.num_workers` as FFCV's decoding threads: at least 1 (FFCV has no in-process mode), at most
+    the threads numba may start (more is an error inside numba)."""
+    import numba
+
+    return min(max(1, int(data_cfg.get("num_workers") or 0)), int(numba.config.NUMBA_NUM_THREADS))
 
 
 class QuasiRandomSampler(EpochSampler):
@@ -204,14 +214,22 @@ class FFCVLoader:
     def __iter__(self):
         positions = np.fromiter(iter(self.sampler), dtype=np.int64)
         self.loader.explicit_order = self.rows[positions].astype(np.uint64)
+        threads = torch.get_num_threads()
         epoch = iter(self.loader)
         try:
             for images, labels in epoch:
-                # FFCV reuses its label buffers a few batches later: hand out a copy (images are fresh
-                # tensors already, made by ToModelInput)
+                # FFCV sets torch's (process-wide) thread count to its own worker count when an epoch
+                # starts, in the main thread and in its loading thread, before the first batch is
+                # made; the model's compute keeps the run's `threads`
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                # FFCV reuses its buffers `batches_ahead + 2` batches later: labels are copied (they are
+                # small); images are valid until then (ToModelInput makes fresh tensors, but photos on
+                # the CPU come straight from FFCV's buffers: copy them to keep a batch longer)
                 yield images, labels.clone()
         finally:
             epoch.close()
+            torch.set_num_threads(threads)
 
 
 def rows_of(dataset: Dataset) -> tuple[np.ndarray, int]:
@@ -239,19 +257,22 @@ def build_ffcv_loader(dataset: Dataset, batch_size: int, train: bool, data_cfg: 
         raise MPQError(f"data.ffcv.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
     spec = get_dataset_spec(info["dataset"])
     rows, split_size = rows_of(dataset)
-    path, _ = check_beton(data_cfg, info["split"], split_size)
+    whole = dataset.dataset if isinstance(dataset, Subset) else dataset
+    path, _ = check_beton(data_cfg, info["split"], split_size, getattr(whole, "classes", None))
     size = len(rows)
     if train:
         micro = min(int(batch_size), size)
         loader_batch = micro * int(accumulation)
     else:
         loader_batch = int(batch_size)
+    threads = torch.get_num_threads()  # FFCV's Loader sets torch's thread count to its workers'
     loader = _explicit_order_loader()(
-        str(path), batch_size=loader_batch, num_workers=max(1, int(data_cfg.get("num_workers") or 0)),
+        str(path), batch_size=loader_batch, num_workers=_decoding_threads(data_cfg),
         os_cache=bool(select(data_cfg, "ffcv.os_cache", True)), seed=int(seed), indices=rows.astype(np.uint64),
         pipelines=build_pipelines(spec, data_cfg, bool(getattr(dataset, "mpq_train_transforms", train))),
         drop_last=False, batches_ahead=int(select(data_cfg, "ffcv.batches_ahead", 3)),
     )
+    torch.set_num_threads(threads)
     sampler: EpochSampler | ShardSampler
     if not train:
         sampler = ShardSampler(size, rank, world_size)

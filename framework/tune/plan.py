@@ -132,6 +132,9 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
         root = OmegaConf.select(cfg, f"{node}.root", default=None)
         if root:
             base[node]["root"] = str(Path(root).resolve())
+        ffcv_dir = OmegaConf.select(cfg, f"{node}.ffcv.dir", default=None)
+        if ffcv_dir and isinstance(base[node].get("ffcv"), dict):
+            base[node]["ffcv"]["dir"] = str(Path(ffcv_dir).resolve())
     return base
 
 

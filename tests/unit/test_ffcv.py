@@ -162,3 +162,54 @@ def test_prepare_skips_whole_files_and_force_rewrites(fmnist):
     assert path.stat().st_mtime_ns == before
     assert write_beton(fmnist, "test", force=True)["status"] == "written"
     check_beton(fmnist, "test", 10_000)
+
+
+def test_a_last_batch_of_one_sample_is_still_a_batch(fmnist):
+    dataset = build_dataset(fmnist, "test", train_transforms=False)
+    batch = len(dataset) - 1  # two batches: all but one sample, then one
+    ours = list(build_loader(dataset, batch, False, _with(fmnist, loader="ffcv")))
+    theirs = list(build_loader(dataset, batch, False, _with(fmnist, loader="torch")))
+    assert [y.shape for _, y in ours] == [y.shape for _, y in theirs] == [(batch,), (1,)]
+    assert torch.equal(ours[1][1], theirs[1][1]) and torch.equal(ours[1][0], theirs[1][0])
+
+
+def test_the_model_keeps_the_runs_threads(fmnist):
+    """FFCV sets torch's thread count to its decoding threads; the run's `threads` must survive it."""
+    dataset = build_dataset(fmnist, "test", train_transforms=False)
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    torch.set_num_threads(wanted)
+    try:
+        loader = build_loader(dataset, 64, True, _with(_with(fmnist, loader="ffcv"), num_workers=1), seed=0)
+        assert torch.get_num_threads() == wanted
+        for _ in loader:
+            assert torch.get_num_threads() == wanted
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_tree_with_other_classes_is_refused(tmp_path):
+    root = make_image_tree(tmp_path / "tree", classes=2, per_class=2, suffix=".png")
+    cfg = _data_cfg("data=imagefolder", f"data.root={root}", f"data.ffcv.dir={tmp_path / 'betons'}",
+                    "data.ffcv.write.mode=raw", "data.ffcv.write.workers=1", "data.loader=ffcv")
+    prepare_betons(cfg, "train")  # one split, given as a string
+    (root / "train" / "class_1").rename(root / "train" / "class_9")  # same count, other classes
+    with pytest.raises(MPQError, match=r"other classes .*prepare.force=true"):
+        build_loader(build_dataset(cfg, "train"), 2, True, cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prepare.splits=[train,valid]", r"prepare.splits=.*unknown or no split \['valid'\]"),
+    ("data.ffcv.write.jpeg_quality=0", r"data.ffcv.write.jpeg_quality=0"),
+])
+def test_bad_prepare_options_are_one_error_before_writing(tmp_path, override, message):
+    from framework.config_checks import check_config
+    from framework.pipeline import run_prepare
+
+    cfg = compose_config("prepare", ["data=mnist", f"data.ffcv.dir={tmp_path}", "data.ffcv.write.mode=jpg", override,
+                                      f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(MPQError, match=message):
+        check_config(cfg)
+        run_prepare(cfg)
+    assert not list(tmp_path.rglob("*.beton"))
