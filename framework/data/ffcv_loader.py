@@ -35,7 +35,8 @@ Pipelines (decoding and augmentation in FFCV's compiled code, the last steps in 
   channels (`data.channels`: gray datasets take their stored channel back, bit for bit; RGB photos
   become gray with torchvision's weights), scaling to [0, 1], resizing digits to `data.input_size`,
   normalisation with the dataset's mean and std. RGB photos on the CPU are normalised instead by
-  FFCV's `NormalizeImage` inside the compiled stage (measured: twice the loader's throughput).
+  FFCV's `NormalizeImage` inside the compiled stage (about twice the loader's throughput in one
+  contended measurement when it was written).
 
 For raw digits without resizing the tensors equal the torch loader's bit for bit (same pixels, same
 normalisation arithmetic); photos differ by the interpolation's rounding (OpenCV's area resize
@@ -134,7 +135,7 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
     norm = _normalise(spec, channels)
     if spec.kind != "digits" and channels == 3 and device is None:
         # photos on the CPU: FFCV's compiled lookup-table normalisation, in the decoding threads (the
-        # torch-side float conversion and normalisation would halve the loader's throughput; it
+        # torch-side float conversion and normalisation roughly halved the loader's throughput; it
         # equals torchvision's up to float rounding, ~1e-7)
         scale = 255 * np.asarray(norm.mean), 255 * np.asarray(norm.std)
         image += [NormalizeImage(scale[0], scale[1], np.float32), ToTensor(), ToTorchImage()]
