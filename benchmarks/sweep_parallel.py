@@ -80,7 +80,7 @@ def compose(stage: str, overrides: list[str]):
 
 
 def pretrain(root: Path) -> str:
-    from framework.pipeline import run_pretrain
+    from framework.stages.pretrain import run_pretrain
 
     cfg = compose("pretrain", ["data.fraction=0.05", "data.test_fraction=0.05", "train.max_steps=40",
                                "tracking.enabled=false", f"run_dir={root / 'pretrain'}"])

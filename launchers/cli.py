@@ -1,8 +1,8 @@
 """The `mpq` command: `mpq <stage> [hydra overrides...]`.
 
 The first argument picks the stage; everything after it is Hydra's (overrides, `--multirun`,
-`--help`, `--cfg job`). The command only composes the config and calls
-`framework.pipeline.run_<stage>(cfg)`; no training logic lives here. User errors print one line,
+`--help`, `--cfg job`). The stages come from one registry (:data:`framework.stages.STAGES`); the
+command only composes the config and calls the stage's function; no training logic lives here. User errors print one line,
 `mpq <stage>: error: ...`, leave a `result.json` with `status: error` in the run directory and exit
 with status 2.
 """
@@ -12,27 +12,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from framework.paths import CONF_DIR
-
-#: every stage of the command, in pipeline order, with a one-line description
-STAGES: dict[str, str] = {
-    "prepare": "write FFCV .beton files of the data (and proxy) for data.loader=ffcv",
-    "pretrain": "train the full-precision model on the target data",
-    "search": "search a mixed-precision policy on the proxy data",
-    "sweep": "run many proxy searches (Ray Tune) and pick the policy under a budget",
-    "finetune": "quantization-aware fine-tuning of the target model under a policy",
-    "evaluate": "top-1 of a checkpoint on the target's test split",
-    "export": "export integer weights of a quantized model",
-    "cost": "MACs, BitOps and size of a model under a policy, without data",
-    "pipeline": "the stages that exist, in order, with a summary table",
-}
+from framework.stages import STAGES, get_stage
 
 USAGE = (
     "usage: mpq <stage> [key=value ...] [--multirun] [--help]\n\n"
-    "stages:\n" + "\n".join(f"  {name:<10}{text}" for name, text in STAGES.items()) + "\n\n"
+    "stages:\n" + "\n".join(f"  {stage.name:<10}{stage.help}" for stage in STAGES.values()) + "\n\n"
     "examples:\n"
     "  mpq pipeline                                  the default run (Fashion-MNIST target)\n"
     "  mpq pretrain model=resnet20 train.epochs=5    override any config value\n"
@@ -93,12 +80,6 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def _stage_function(stage: str) -> Callable:
-    from framework import pipeline
-
-    return getattr(pipeline, f"run_{stage}")
-
-
 def _task(cfg) -> None:
     """Hydra's task: resolve the run directory, check the config, run the stage (or start the
     processes that run it: `dist.nproc`, `launcher=slurm`)."""
@@ -137,14 +118,12 @@ def _task(cfg) -> None:
 
             submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir)
             return
-        if cfg.launcher.name not in ("local", "slurm"):
-            raise MPQError(f"launcher={cfg.launcher.name} is not available yet in this version; use launcher=local or slurm")
         from framework.dist.launch import should_spawn, spawn_local
 
         if should_spawn(cfg):
             _report_workers(stage, run_dir, spawn_local(cfg, stage, list(HydraConfig.get().overrides.task), run_dir))
             return
-        _stage_function(stage)(cfg)
+        get_stage(stage).function(cfg)
     except Interrupted as err:
         fail("interrupted", str(err), 143, artifacts={"checkpoint": str(err.checkpoint)}, step=err.step)
     except MPQError as err:

@@ -60,8 +60,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from framework.data.beton import ORDERS, check_beton, select
-from framework.data.loaders import EpochSampler, ShardSampler
 from framework.data.registry import DatasetSpec, get_dataset_spec
+from framework.data.samplers import EpochSampler, ShardSampler
 from framework.data.transforms import _normalise
 from framework.errors import MPQError
 

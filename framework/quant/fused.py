@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from framework.quant.quantizers import round_ste
+from framework.quant.rounding import round_ste
 
 log = logging.getLogger(__name__)
 

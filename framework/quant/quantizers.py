@@ -28,13 +28,10 @@ import math
 import torch
 from torch import nn
 
+from framework.quant.rounding import round_ste
+
 FULL_PRECISION = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:

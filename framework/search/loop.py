@@ -44,6 +44,7 @@ from framework.quant import (
 from framework.results import Result, write_result
 from framework.search.objectives import CenterMarginLoss, PenultimateFeatures
 from framework.sharpness import TwoPassOptimizer, build_rule
+from framework.stage import load_full_precision_checkpoint, start_stage
 from framework.track import open_tracker
 from framework.track.figures import plot_bit_probabilities
 from framework.train.checkpoint import load_model_state
@@ -180,12 +181,10 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     `total_steps`; a sweep reports it to its scheduler (framework.tune). Without it the search
     behaves, and writes, exactly as before.
     """
-    from framework.pipeline import load_full_precision_checkpoint, prepare_stage
-
     stage = "search"
     scfg = cfg.search
     ckpt = load_full_precision_checkpoint(cfg, stage)
-    run_dir, device = prepare_stage(cfg, stage)
+    run_dir, device = start_stage(cfg, stage)
     model_meta = dict(ckpt.meta["model"])
     target = ckpt.meta.get("data", {})
     target_size, channels = int(target.get("input_size") or 28), int(target.get("channels") or model_meta["in_channels"])

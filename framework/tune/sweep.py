@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from framework.errors import MPQError
 from framework.results import Result, atomic_write_text, write_result
+from framework.stage import load_full_precision_checkpoint
 from framework.train.resume import Interrupted
 from framework.tune.plan import Plan, make_plan
 from framework.tune.select import best_under_budget, pareto_front, top_under_budget
@@ -294,7 +295,6 @@ def run_sweep(cfg: DictConfig) -> Result:
     and `result.json`. Raises :class:`SweepInterrupted` (status 143 from `mpq`) when the sweep is
     stopped before its trials end, and :class:`MPQError` for bad input or nothing to select.
     """
-    from framework.pipeline import load_full_precision_checkpoint
     from framework.tune.cluster import ray_session
     from framework.tune.plot import plot_pareto
 

@@ -5,16 +5,21 @@ from pathlib import Path
 import pytest
 
 from framework.paths import REPO_ROOT
+from framework.stages import STAGES
 from tests.conftest import read_json, run_mpq
-
-STAGES = ["prepare", "pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
 
 
 def test_help_lists_every_stage():
     proc = run_mpq("--help")
     assert proc.returncode == 0
-    for stage in STAGES:
-        assert f"  {stage} " in proc.stdout
+    for stage in STAGES.values():
+        assert f"  {stage.name:<10}{stage.help}" in proc.stdout
+
+
+def test_every_registered_stage_has_its_function():
+    for stage in STAGES.values():
+        assert callable(stage.function), stage.name
+        assert stage.function.__name__ == f"run_{stage.name}"
 
 
 def test_pretrain_acceptance_command_writes_ok_result(pretrained_run):
@@ -80,10 +85,9 @@ def test_invalid_value(tmp_path):
     _assert_one_clear_line(proc, "train.epochs=0")
 
 
-def test_stage_not_built_yet_fails_loudly(tmp_path):
-    proc = run_mpq("export", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
-    _assert_one_clear_line(proc, "'export' is not available yet")
-    assert read_json(tmp_path / "result.json")["status"] == "error"
+def test_launcher_ray_is_not_offered():
+    proc = run_mpq("pretrain", "launcher=ray")
+    _assert_one_clear_line(proc, "unknown launcher 'ray'", "local, slurm")
 
 
 def test_unknown_stage():

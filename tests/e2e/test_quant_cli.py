@@ -10,7 +10,7 @@ from framework.models import create_model
 from framework.paths import CONF_DIR
 from framework.policy import cost_at, make_policy
 from framework.quant import fixed_layer_names, float_parameter_count, trace_layers
-from framework.quant.apply import quant_meta, quantize_with_policy
+from framework.stage import quant_meta, quantize_with_policy
 from framework.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from framework.train.loop import evaluate
 from tests.conftest import read_json, run_mpq

@@ -2,8 +2,9 @@
 
 import torch
 
-from framework.pipeline import run_evaluate, run_pretrain
 from framework.results import read_result
+from framework.stages.evaluate import run_evaluate
+from framework.stages.pretrain import run_pretrain
 from tests.conftest import compose_config
 
 

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from framework.models import create_model
-from framework.pipeline import run_finetune, run_pretrain, run_search
 from framework.policy import read_policy, validate_policy
 from framework.quant import trace_layers
 from framework.results import read_result
+from framework.search.loop import run_search
+from framework.stages.finetune import run_finetune
+from framework.stages.pretrain import run_pretrain
 from tests.conftest import compose_config
 
 TINY_SEARCH = [

@@ -205,7 +205,7 @@ def test_a_tree_with_other_classes_is_refused(tmp_path):
 ])
 def test_bad_prepare_options_are_one_error_before_writing(tmp_path, override, message):
     from framework.config_checks import check_config
-    from framework.pipeline import run_prepare
+    from framework.stages.prepare import run_prepare
 
     cfg = compose_config("prepare", ["data=mnist", f"data.ffcv.dir={tmp_path}", "data.ffcv.write.mode=jpg", override,
                                       f"run_dir={tmp_path / 'run'}"])

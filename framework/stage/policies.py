@@ -1,4 +1,4 @@
-"""From a policy specification to a quantized model: the glue the stages share.
+"""From a policy specification to a quantized, calibrated model: what the stages share.
 
 `policy=` is either `uniform:W/A` (every layer at W/A bits, the first conv and last linear at
 `quant.fixed_bits`) or the path of a `policy.json`, which is validated against the model.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from framework.errors import MPQError
@@ -87,3 +88,11 @@ def quant_meta(policy: Policy, qcfg) -> dict:
 
     config = OmegaConf.to_container(qcfg, resolve=True) if not isinstance(qcfg, dict) else dict(qcfg)
     return {"policy": policy.model_dump(by_alias=True, mode="json"), "config": config}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader, device: torch.device) -> None:
+    """Initialise data-dependent quantizers (LSQ step sizes) on one training batch (LSQ's init)."""
+    model.eval()
+    images, _ = next(iter(loader))
+    model(images.to(device))

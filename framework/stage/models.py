@@ -1,0 +1,80 @@
+"""The models stages work on: built from the config, or rebuilt from a checkpoint with the input
+geometry and class count it was trained with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from framework.errors import MPQError
+from framework.models import create_model
+from framework.policy import policy_from_dict, validate_policy
+from framework.quant.cost import trace_layers
+from framework.stage.policies import Geometry, quantize_with_policy
+from framework.train.checkpoint import Checkpoint, load_checkpoint, load_model_state
+
+
+def model_meta(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """What a checkpoint records to rebuild `cfg.model`: name, classes, input channels, options."""
+    node = cfg.model.get("options")  # optional per model: only some models take options
+    options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    return {"name": str(cfg.model.name), "num_classes": int(num_classes), "in_channels": int(cfg.data.channels),
+            "options": options}
+
+
+def build_model(meta: dict[str, Any], weights: str | None = None):
+    """The float model `meta` (from :func:`model_meta` or a checkpoint) describes."""
+    return create_model(meta["name"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                        weights=weights, **meta["options"])
+
+
+def checkpoint_geometry(ckpt: Checkpoint, cfg: DictConfig) -> Geometry:
+    """The input size and channels a checkpoint was trained at (the data config's if it says nothing)."""
+    data = ckpt.meta.get("data", {})
+    return Geometry(int(data.get("input_size") or cfg.data.input_size or 28),
+                    int(data.get("channels") or cfg.data.channels))
+
+
+def data_config_at(data_cfg: DictConfig, geometry: Geometry) -> DictConfig:
+    """A copy of a data config that feeds images of `geometry` (a checkpoint's)."""
+    out = data_cfg.copy()
+    with open_dict(out):
+        out.input_size, out.channels = geometry.input_size, geometry.in_channels
+    return out
+
+
+def check_classes(ckpt: Checkpoint, dataset_info: dict[str, Any], data_name: str, fix: str) -> None:
+    """One error when the checkpoint's classifier and the dataset disagree on the class count."""
+    expected, found = ckpt.meta["model"]["num_classes"], dataset_info["num_classes"]
+    if expected != found:
+        raise MPQError(f"checkpoint {ckpt.path} predicts {expected} classes but dataset '{data_name}' has {found}; {fix}")
+
+
+def load_full_precision_checkpoint(cfg: DictConfig, stage: str) -> Checkpoint:
+    """`cfg.init_checkpoint`, which must be a full-precision checkpoint of the target model."""
+    if not cfg.init_checkpoint:
+        raise MPQError(f"{stage} needs init_checkpoint=<full-precision checkpoint of the target model> (from mpq pretrain)")
+    ckpt = load_checkpoint(cfg.init_checkpoint)
+    if ckpt.meta.get("quant"):
+        raise MPQError(f"init_checkpoint {ckpt.path} is quantized; {stage} starts from the full-precision checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
+    """The model a checkpoint holds, quantized as its `meta.quant` says, with its weights loaded.
+
+    Returns `(model, policy or None, layers or None)`.
+    """
+    meta = ckpt.meta["model"]
+    quant = ckpt.meta.get("quant")
+    model = build_model(meta)
+    policy = layers = None
+    if quant:
+        policy = policy_from_dict(quant["policy"], f"the policy in checkpoint {ckpt.path}")
+        geometry = checkpoint_geometry(ckpt, cfg)
+        layers = trace_layers(model, geometry.input_size, geometry.in_channels)
+        validate_policy(policy, meta["name"], layers, f"the policy in checkpoint {ckpt.path}")
+        quantize_with_policy(model, policy, OmegaConf.create(quant["config"]), layers)
+    load_model_state(model, ckpt)
+    return model, policy, layers
