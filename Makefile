@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` (set-up, then the default pipeline) and
-# `make test` (set-up, then the test suite inside a loopback-only network namespace).
+# `make test` (set-up, lint, then the test suite inside a loopback-only network namespace).
 VENV := .venv
 MPQ := $(VENV)/bin/mpq
 
@@ -11,14 +11,16 @@ setup:
 run: setup
 	$(MPQ) pipeline $(ARGS)
 
-test: setup
+test: setup lint
 	@bash scripts/run_tests.sh $(ARGS)
 
-test-all: setup
+test-all: setup lint
 	@MPQ_TEST_SLOW=1 bash scripts/run_tests.sh $(ARGS)
 
+# ruff, then the architecture contracts of pyproject.toml [tool.importlinter] (layers, no cycles)
 lint: setup
 	$(VENV)/bin/ruff check framework launchers tests benchmarks scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 clean-outputs:
 	rm -rf outputs multirun

@@ -116,7 +116,7 @@ def _task(cfg) -> None:
         elif cfg.launcher.name == "slurm":
             from launchers.slurm import submit_stage
 
-            submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir)
+            submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir, main)
             return
         from framework.dist.launch import should_spawn, spawn_local
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ from framework.errors import MPQError
 
 
 class StageJob:
-    """The callable submitit pickles: one `mpq` stage, resumable."""
+    """The callable submitit pickles: one `mpq` stage, resumable. `entry` is the `mpq` command's
+    `main(argv)` (pickled by reference), passed in so that this module does not import the command."""
 
-    def __init__(self, stage: str, overrides: list[str], run_dir: str):
-        self.stage, self.overrides, self.run_dir = stage, list(overrides), str(run_dir)
+    def __init__(self, stage: str, overrides: list[str], run_dir: str, entry: Callable[[list[str]], int]):
+        self.stage, self.overrides, self.run_dir, self.entry = stage, list(overrides), str(run_dir), entry
 
     def argv(self) -> list[str]:
         def key(override: str) -> str:
@@ -41,10 +43,9 @@ class StageJob:
         import json
 
         from framework.dist.ranks import current_ranks
-        from launchers.cli import main
 
         try:
-            main(self.argv())
+            self.entry(self.argv())
         except SystemExit as stop:
             if stop.code not in (0, None):
                 raise
@@ -57,11 +58,12 @@ class StageJob:
         """submitit calls this before the time limit: requeue the same job (it resumes)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.overrides, self.run_dir))
+        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.overrides, self.run_dir, self.entry))
 
 
-def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
-    """Submit `stage` as a Slurm job; with `launcher.wait`, wait and check how it ended."""
+def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Callable[[list[str]], int]) -> None:
+    """Submit `stage` as a Slurm job that runs `entry(argv)` (the `mpq` command's `main`); with
+    `launcher.wait`, wait and check how it ended."""
     import submitit
 
     lcfg = cfg.launcher
@@ -79,7 +81,7 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path) -> None:
         params["slurm_partition"] = str(lcfg.partition)
     executor.update_parameters(**params)
     try:
-        job = executor.submit(StageJob(stage, overrides, str(run_dir)))
+        job = executor.submit(StageJob(stage, overrides, str(run_dir), entry))
     except Exception as err:  # sbatch missing, no controller, bad partition
         raise MPQError(f"could not submit the Slurm job ({type(err).__name__}: {str(err).strip().splitlines()[-1]}); "
                        f"is the cluster reachable (sinfo)?") from None
