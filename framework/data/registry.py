@@ -52,6 +52,9 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def available_datasets() -> list[str]:
+    """The registered dataset names (the built-in ones included)."""
+    from framework.data import datasets  # noqa: F401  (registers the built-in datasets)
+
     return sorted(DATASETS)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from framework.config_checks import check_config
+from framework.config import validate_config
 from framework.errors import MPQError
 from framework.paths import CONF_DIR
 from framework.results import config_to_dict
@@ -183,7 +183,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     for point in points:
         trial_cfg = trial_config(base, methods, point)
         try:
-            check_config(trial_cfg)
+            validate_config(trial_cfg)
         except MPQError as err:
             raise MPQError(f"the trial {_describe(point)} of tune.space is invalid: {err}") from None
         key = trial_key(trial_cfg)

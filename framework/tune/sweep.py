@@ -56,32 +56,6 @@ class SweepInterrupted(Interrupted):
         self.signal_name, self.checkpoint, self.step = "interrupt", experiment, finished
 
 
-def _check_tune(tcfg: DictConfig) -> None:
-    """Types and ranges of `tune.*`, one error naming the key."""
-    def number(key: str, minimum: float, whole: bool = False, optional: bool = False, strict: bool = False) -> None:
-        value = tcfg.get(key) if "." not in key else tcfg.scheduler.get(key.split(".", 1)[1])
-        if value is None and optional:
-            return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > minimum if strict else value >= minimum)
-        if not ok or (whole and not isinstance(value, int)):
-            kind = "a whole number" if whole else "a number"
-            raise MPQError(f"tune.{key}={value!r} is invalid: expected {kind} {'>' if strict else '>='} {minimum}")
-
-    number("cpus_per_trial", 0, strict=True)
-    number("gpus_per_trial", 0)
-    number("max_concurrent", 1, whole=True, optional=True)
-    number("num_samples", 1, whole=True)
-    number("max_failures", 0, whole=True)
-    number("top_k", 1, whole=True)
-    number("num_cpus", 1, whole=True, optional=True)
-    number("num_gpus", 0, optional=True)
-    if tcfg.scheduler.get("name") not in ("asha", "fifo"):
-        raise MPQError(f"tune.scheduler.name={tcfg.scheduler.get('name')!r} is invalid: choose one of asha, fifo")
-    number("scheduler.grace_period", 1, whole=True)
-    number("scheduler.reduction_factor", 1, strict=True)
-    number("scheduler.max_t", 1, whole=True, optional=True)
-
-
 def _trial_dirname(trial) -> str:
     """Tune's folder for a trial: `<index>_<key>`, so results map back to the plan by name."""
     spec = trial.config["trial"]
@@ -303,7 +277,6 @@ def run_sweep(cfg: DictConfig) -> Result:
     run_dir = Path(cfg.get("run_dir") or Path("outputs") / stage / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.tune
-    _check_tune(tcfg)
     load_full_precision_checkpoint(cfg, stage)  # a missing or quantized checkpoint is an error before Ray starts
     plan = make_plan(cfg)
     experiment = str(tcfg.get("name") or cfg.get("experiment_name") or "mpq")

@@ -1,23 +1,33 @@
-"""Every config composes; bad values are refused with a message naming the key."""
+"""Every config composes and validates; bad values are one line naming the full key."""
 
 import pytest
 from omegaconf import OmegaConf
 
-from framework.config_checks import check_config
+from framework.config import validate_config
 from framework.errors import MPQError
 from framework.paths import CONF_DIR
 from tests.conftest import compose_config
 
-GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir())
+STAGES = ["prepare", "pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
+GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and not d.name.startswith("_"))
+#: conf/launcher/ray.yaml is on its way out (no schema accepts it)
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))
+           if not p.stem.startswith("_") and (g, p.stem) != ("launcher", "ray")]
 
 
-@pytest.mark.parametrize(
-    "group,option",
-    [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))],
-)
-def test_every_group_option_composes_and_passes_checks(group, option):
+def _container(*overrides, stage="pretrain"):
+    return OmegaConf.to_container(compose_config(stage, list(overrides)), resolve=True)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_default_config_of_every_stage_is_valid(stage):
+    validate_config(compose_config(stage))
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_group_option_composes_and_is_valid(group, option):
     cfg = compose_config("pretrain", [f"{group}={option}"])
-    check_config(cfg)
+    validate_config(cfg)
     if group in ("data", "proxy", "model"):
         assert cfg[group].name == option
     assert cfg.stage == "pretrain"
@@ -36,38 +46,126 @@ def test_contract_names_exist_in_the_default_config():
         assert leaf in parent, key
 
 
-@pytest.mark.parametrize(
-    "override,key",
-    [
-        ("train.epochs=0", "train.epochs"),
-        ("train.batch_size=abc", "train.batch_size"),
-        ("data.fraction=1.5", "data.fraction"),
-        ("data.channels=2", "data.channels"),
-        ("proxy.per_class=0", "proxy.per_class"),
-        ("train.optim.lr=-1", "train.optim.lr"),
-        ("search.sharpness.name=sharp", "search.sharpness.name"),
-        ("search.complexity.penalty=cubic", "search.complexity.penalty"),
-        ("search.quant.candidates_w=[2,9]", "search.quant.candidates_w"),
-        ("search.epochs=0", "search.epochs"),
-        ("search.budget_bitops=-5", "search.budget_bitops"),
-        ("finetune.sharpness.saq_case=4", "finetune.sharpness.saq_case"),
-        ("finetune.epochs=0", "finetune.epochs"),
-        ("quant.weight=fancy", "quant.weight"),
-        ("dist.zero_stage=4", "dist.zero_stage"),
-        ("dist.precision=fp8", "dist.precision"),
-        ("dist.gradient_accumulation=0", "dist.gradient_accumulation"),
-    ],
-)
-def test_invalid_values_name_the_key(override, key):
-    cfg = compose_config("pretrain", [override])
-    with pytest.raises(MPQError, match=key.replace(".", r"\.")):
-        check_config(cfg)
+@pytest.mark.parametrize("override,message", [
+    # root keys
+    ("seed=-1", "seed=-1 is invalid: expected a whole number >= 0"),
+    ("threads=0", "threads=0 is invalid: expected a whole number >= 1"),
+    ("checkpoint_every=-1", "checkpoint_every=-1 is invalid: expected a whole number >= 0"),
+    ("resume=maybe", "resume='maybe' is invalid: expected true or false"),
+    ("device=gpu", "device='gpu' is invalid: expected auto, cpu, cuda or cuda:<index>"),
+    ("prepare.splits=[train,valid]", "prepare.splits=['train', 'valid'] is invalid: unknown or no split ['valid']; "
+                                     "choose a list from train, test"),
+    ("pipeline.sweep=1", "pipeline.sweep=1 is invalid: expected true or false"),
+    # data and proxy (one schema)
+    ("data.fraction=1.5", "data.fraction=1.5 is invalid: expected a fraction in (0, 1]"),
+    ("data.channels=2", "data.channels=2 is invalid: choose one of 1, 3"),
+    ("data.name=cifar10", "data.name='cifar10' is invalid: choose one of fashion_mnist, imagefolder, mnist"),
+    ("data.loader=dali", "data.loader='dali' is invalid: choose one of torch, ffcv"),
+    ("data.ffcv.order=sequential", "data.ffcv.order='sequential' is invalid: choose one of random, quasi_random"),
+    ("data.ffcv.write.mode=png", "data.ffcv.write.mode='png' is invalid: choose one of raw, jpg, proportion"),
+    ("data.ffcv.write.jpeg_quality=0", "data.ffcv.write.jpeg_quality=0 is invalid: expected a whole number in 1-100"),
+    ("proxy.per_class=0", "proxy.per_class=0 is invalid: expected a whole number >= 1"),
+    ("proxy.test_fraction=0", "proxy.test_fraction=0 is invalid: expected a fraction in (0, 1]"),
+    # model
+    ("model.name=resnet9", "model.name='resnet9' is invalid: choose one of mobilenet_v2, resnet18, resnet20, resnet50, "
+                           "resnet8"),
+    ("model.options=3", "model.options=3 is invalid: expected a mapping"),
+    # train
+    ("train.epochs=0", "train.epochs=0 is invalid: expected a whole number >= 1"),
+    ("train.batch_size=abc", "train.batch_size='abc' is invalid: expected a whole number >= 1"),
+    ("train.optim.lr=-1", "train.optim.lr=-1 is invalid: expected a number >= 0"),
+    ("train.optim.name=lion", "train.optim.name='lion' is invalid: choose one of sgd, adamw"),
+    ("train.optim.betas=[0.9]", "train.optim.betas=[0.9] is invalid: expected two numbers in [0, 1)"),
+    # finetune
+    ("finetune.epochs=0", "finetune.epochs=0 is invalid: expected a whole number >= 1"),
+    ("finetune.sharpness.saq_case=4", "finetune.sharpness.saq_case=4 is invalid: choose one of 1, 2, 3"),
+    ("finetune.sharpness.name=sharp", "finetune.sharpness.name='sharp' is invalid: choose one of none, sam, asam, asga, saq"),
+    # quant and search.quant
+    ("quant.weight=fancy", "quant.weight='fancy' is invalid: choose one of lsq, minmax"),
+    ("quant.activation=minmax", "quant.activation='minmax' is invalid: choose one of lsq, learned_range"),
+    ("quant.fixed_bits=1", "quant.fixed_bits=1 is invalid: expected a bit-width from [2, 3, 4, 5, 6, 7, 8, 32], or null"),
+    ("search.quant.candidates_w=[2,9]", "search.quant.candidates_w=[2, 9] is invalid: unknown or no bit-width [9]"),
+    ("search.quant.candidates_a=[]", "search.quant.candidates_a=[] is invalid: unknown or no bit-width []"),
+    # search
+    ("search.epochs=0", "search.epochs=0 is invalid: expected a whole number >= 1"),
+    ("search.budget_bitops=-5", "search.budget_bitops=-5 is invalid: expected a number > 0"),
+    ("search.budget_uniform_bits=1", "search.budget_uniform_bits=1 is invalid: choose one of 2, 3, 4, 5, 6, 7, 8, 32"),
+    ("search.complexity.penalty=cubic", "search.complexity.penalty='cubic' is invalid: choose one of linear, hinge"),
+    ("search.sharpness.name=foo", "search.sharpness.name='foo' is invalid: choose one of none, sam, asam, asga"),
+    ("search.sharpness.name=saq", "search.sharpness.name='saq' is invalid: choose one of none, sam, asam, asga"),
+    ("search.sharpness.rho_min=0.5", "search.sharpness.rho_min=0.5 is invalid: expected rho_min <= rho_max (0.3)"),
+    ("search.margin.momentum=2", "search.margin.momentum=2 is invalid: expected a number in [0, 1]"),
+    # tune
+    ("tune.cpus_per_trial=0", "tune.cpus_per_trial=0 is invalid: expected a number > 0"),
+    ("tune.max_concurrent=0", "tune.max_concurrent=0 is invalid: expected a whole number >= 1"),
+    ("tune.scheduler.name=hyperband", "tune.scheduler.name='hyperband' is invalid: choose one of asha, fifo"),
+    ("tune.scheduler.reduction_factor=1", "tune.scheduler.reduction_factor=1 is invalid: expected a number > 1"),
+    ("tune.top_k=0", "tune.top_k=0 is invalid: expected a whole number >= 1"),
+    # tracking, launcher, dist
+    ("tracking.enabled=yes", "tracking.enabled='yes' is invalid: expected true or false"),
+    ("tracking.tags=sweep", "tracking.tags='sweep' is invalid: expected a list of strings"),
+    ("launcher.name=ray", "launcher.name='ray' is invalid: choose one of local, slurm"),
+    ("dist.zero_stage=4", "dist.zero_stage=4 is invalid: choose one of 0, 1, 2, 3"),
+    ("dist.precision=fp8", "dist.precision='fp8' is invalid: choose one of auto, fp32, bf16, fp16"),
+    ("dist.backend=mpi", "dist.backend='mpi' is invalid: choose one of auto, gloo, nccl"),
+    ("dist.gradient_accumulation=0", "dist.gradient_accumulation=0 is invalid: expected a whole number >= 1"),
+    # keys that are not in the schema, or missing from the config
+    ("+train.optim.lrr=0.1", "train.optim.lrr=0.1 is not a config key (a typo?); train.optim has: betas, lr, "),
+    ("+searchh=1", "searchh=1 is not a config key (a typo?); the config has: "),
+    ("~search.repair", "search.repair is missing from the config"),
+])
+def test_a_bad_value_is_one_line_naming_the_full_key(override, message):
+    with pytest.raises(MPQError) as err:
+        validate_config(compose_config("pretrain", [override]))
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_launcher_slurm_keys_are_checked_under_their_own_schema():
+    validate_config(compose_config("pretrain", ["launcher=slurm"]))
+    with pytest.raises(MPQError, match=r"^launcher\.nodes=0 is invalid: expected a whole number >= 1$"):
+        validate_config(compose_config("pretrain", ["launcher=slurm", "launcher.nodes=0"]))
+    with pytest.raises(MPQError, match=r"^launcher\.partitionn='a' is not a config key .*; launcher has: cpus_per_task"):
+        validate_config(compose_config("pretrain", ["launcher=slurm", "+launcher.partitionn=a"]))
 
 
 def test_dist_nproc_is_for_the_training_stages_only():
-    check_config(compose_config("finetune", ["dist.nproc=2"]))
-    with pytest.raises(MPQError, match="dist.nproc=2 applies to pretrain and finetune"):
-        check_config(compose_config("search", ["dist.nproc=2"]))
+    validate_config(compose_config("finetune", ["dist.nproc=2"]))
+    with pytest.raises(MPQError, match="^dist.nproc=2 applies to pretrain and finetune; search runs on one process"):
+        validate_config(compose_config("search", ["dist.nproc=2"]))
+
+
+def test_zero_stage_3_is_refused_where_the_engine_would_refuse_it():
+    validate_config(compose_config("search", ["dist.zero_stage=3"]))  # the search does not use the engine
+    with pytest.raises(MPQError, match="dist.zero_stage=3 partitions the parameters, but the quantizers"):
+        validate_config(compose_config("pretrain", ["dist.zero_stage=3"]))
+    with pytest.raises(MPQError, match="dist.zero_stage=3 partitions the parameters, but the two-pass"):
+        validate_config(compose_config("finetune", ["dist.zero_stage=3", "finetune=saq"]))
+
+
+def test_the_hinge_penalty_needs_a_budget():
+    validate_config(compose_config("search", ["search.budget_uniform_bits=null", "search.budget_bitops=1e9"]))
+    validate_config(compose_config("search", ["search.budget_uniform_bits=null", "search.complexity.penalty=linear"]))
+    with pytest.raises(MPQError, match=r"^search.complexity.penalty=hinge needs a budget"):
+        validate_config(compose_config("search", ["search.budget_uniform_bits=null"]))
+
+
+def test_allowed_values_come_from_the_registries(monkeypatch):
+    from framework.models.registry import MODELS, available_models
+
+    available_models()  # the built-in models registered first
+    monkeypatch.setitem(MODELS, "tiny_net", lambda num_classes, in_channels: None)
+    validate_config(compose_config("pretrain", ["model.name=tiny_net"]))
+
+
+def test_a_sweep_trial_config_has_no_tune_or_launcher_and_is_valid():
+    cfg = compose_config("search", ["~tune", "~launcher"])
+    validate_config(cfg)
+
+
+def test_an_unresolvable_interpolation_is_one_line():
+    with pytest.raises(MPQError, match=r"^proxy.input_size cannot be resolved: "):
+        validate_config(compose_config("pretrain", ["proxy.input_size=${data.nothing}"]))
 
 
 def test_hydra_flags_and_overrides_are_separated_in_any_order():
