@@ -46,7 +46,7 @@ _SWEEP_SYNTAX = re.compile(r"[()\[\]{}*$]")
 
 def _config_groups() -> dict[str, list[str]]:
     return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        d.name: sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))  # _base: not a choice
         for d in sorted(CONF_DIR.iterdir())
         if d.is_dir() and not d.name.startswith((".", "_"))
     }

@@ -137,7 +137,7 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
 
 def available_methods() -> list[str]:
     """The search methods with a config file in conf/search/."""
-    return sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def make_plan(cfg: DictConfig) -> Plan:

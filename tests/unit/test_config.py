@@ -1,4 +1,5 @@
-"""Every config composes and validates; bad values are one line naming the full key."""
+"""Every config composes and validates; bad values are one line naming the full key; the config files
+build on each other (search.quant is the minmax group, the proxies and datasets share a base)."""
 
 import pytest
 from omegaconf import OmegaConf
@@ -166,6 +167,78 @@ def test_a_sweep_trial_config_has_no_tune_or_launcher_and_is_valid():
 def test_an_unresolvable_interpolation_is_one_line():
     with pytest.raises(MPQError, match=r"^proxy.input_size cannot be resolved: "):
         validate_config(compose_config("pretrain", ["proxy.input_size=${data.nothing}"]))
+
+
+# -- the config files build on each other ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", [p.stem for p in sorted((CONF_DIR / "search").glob("*.yaml"))])
+def test_search_quant_is_the_minmax_group(method):
+    assert _container(f"search={method}")["search"]["quant"] == _container("quant=minmax")["quant"]
+
+
+def test_minmax_is_lsq_with_other_quantizers():
+    lsq, minmax = _container("quant=lsq")["quant"], _container("quant=minmax")["quant"]
+    assert {k: v for k, v in minmax.items() if lsq[k] != v} == {
+        "name": "minmax", "weight": "minmax", "activation": "learned_range"}
+
+
+@pytest.mark.parametrize("method,changes", [
+    ("dnas", {}),
+    ("seam", {"method": "seam", "margin": {"weight": 0.5}}),
+    ("asga", {"method": "asga", "sharpness": {"name": "asga"}}),
+    ("seam_asga", {"method": "seam_asga", "margin": {"weight": 0.5}, "sharpness": {"name": "asga"}}),
+])
+def test_the_methods_change_only_their_own_keys_of_dnas(method, changes):
+    dnas = _container("search=dnas")["search"]
+    assert _container(f"search={method}")["search"] == OmegaConf.to_container(OmegaConf.merge(dnas, changes))
+
+
+#: the values that told the option files apart before they shared a base (main @ 9ffa20c)
+PROXIES = {
+    "mnist": {"root": None, "fraction": 0.1, "mode": "raw", "max_resolution": None},
+    "fashion_mnist": {"root": "FOLLOWS data.root", "fraction": 0.04, "mode": "raw", "max_resolution": None},
+    "imagefolder": {"root": None, "fraction": 0.04, "mode": "jpg", "max_resolution": 512},
+}
+DATASETS = {
+    "mnist": {"input_size": 28, "channels": 1, "num_workers": 0, "mode": "raw", "max_resolution": None},
+    "fashion_mnist": {"input_size": 28, "channels": 1, "num_workers": 0, "mode": "raw", "max_resolution": None},
+    "imagefolder": {"input_size": 224, "channels": 3, "num_workers": 2, "mode": "jpg", "max_resolution": 512},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROXIES))
+def test_every_proxy_follows_the_targets_geometry_and_loader_and_keeps_its_own_subset(name):
+    cfg = _container(f"proxy={name}", "data=imagefolder", "data.root=/t", "data.loader=ffcv", "data.ffcv.dir=/b",
+                     "data.ffcv.order=quasi_random", "data.ffcv.os_cache=false", "data.ffcv.batches_ahead=5",
+                     "data.ffcv.write.workers=7", "seed=3")
+    proxy, data, want = cfg["proxy"], cfg["data"], PROXIES[name]
+    assert proxy["name"] == name and proxy["fraction"] == want["fraction"]
+    assert proxy["root"] == ("/t" if want["root"] else None)
+    assert (proxy["input_size"], proxy["channels"], proxy["loader"], proxy["num_workers"]) == (224, 3, "ffcv", 2)
+    assert proxy["ffcv"] == {"dir": "/b", "order": "quasi_random", "os_cache": False, "batches_ahead": 5, "write": {
+        "mode": want["mode"], "max_resolution": want["max_resolution"], "jpeg_quality": 90, "compress_probability": 0.5,
+        "workers": 7}}
+    assert (proxy["per_class"], proxy["test_fraction"], proxy["seed"], proxy["augment"]) == (None, 1.0, 3, True)
+    assert set(proxy) == set(data)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_dataset_keeps_its_values_over_the_shared_base(name):
+    data, want = _container(f"data={name}")["data"], DATASETS[name]
+    assert (data["name"], data["input_size"], data["channels"], data["num_workers"]) == (
+        name, want["input_size"], want["channels"], want["num_workers"])
+    assert (data["root"], data["fraction"], data["per_class"], data["test_fraction"], data["augment"], data["loader"]) == (
+        None, 1.0, None, 1.0, True, "torch")
+    assert data["ffcv"] == {"dir": None, "order": "random", "os_cache": True, "batches_ahead": 3, "write": {
+        "mode": want["mode"], "max_resolution": want["max_resolution"], "jpeg_quality": 90, "compress_probability": 0.5,
+        "workers": None}}
+
+
+def test_shared_bases_are_not_offered_as_choices():
+    from launchers.cli import check_group_choices
+
+    assert "unknown proxy '_base'" in check_group_choices(["proxy=_base"])
+    assert check_group_choices(["proxy=mnist", "data=imagefolder"]) is None
 
 
 def test_hydra_flags_and_overrides_are_separated_in_any_order():
