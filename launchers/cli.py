@@ -33,7 +33,7 @@ _SWEEP_SYNTAX = re.compile(r"[()\[\]{}*$]")
 
 def _config_groups() -> dict[str, list[str]]:
     return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        d.name: sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_"))  # _base: not a choice
         for d in sorted(CONF_DIR.iterdir())
         if d.is_dir() and not d.name.startswith((".", "_"))
     }
@@ -86,7 +86,7 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from framework.config_checks import check_config
+    from framework.config import validate_config
     from framework.dist.ranks import current_ranks
     from framework.errors import MPQError
     from framework.results import Result, write_result
@@ -109,7 +109,7 @@ def _task(cfg) -> None:
     if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        check_config(cfg)
+        validate_config(cfg)
         if cfg.launcher.name == "slurm" and _inside_hydra_slurm_job():
             with open_dict(cfg):  # Hydra's submitit launcher ran this sweep point as a Slurm job
                 cfg.resume = True  # a requeued job continues from its checkpoint

@@ -77,7 +77,7 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Ca
         "cpus_per_task": int(lcfg.cpus_per_task),
         "slurm_signal_delay_s": int(lcfg.signal_delay_s),
     }
-    if lcfg.get("partition"):
+    if lcfg.partition:
         params["slurm_partition"] = str(lcfg.partition)
     executor.update_parameters(**params)
     try:
@@ -86,13 +86,13 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Ca
         raise MPQError(f"could not submit the Slurm job ({type(err).__name__}: {str(err).strip().splitlines()[-1]}); "
                        f"is the cluster reachable (sinfo)?") from None
     print(f"mpq {stage}: submitted Slurm job {job.job_id} (logs in {run_dir / 'slurm'})", flush=True)
-    if not lcfg.get("wait", True):
+    if not lcfg.wait:
         return
-    deadline = time.time() + 60 * float(lcfg.get("max_wait_min") or (2 * int(lcfg.timeout_min) + 5))
+    deadline = time.time() + 60 * float(lcfg.max_wait_min or (2 * int(lcfg.timeout_min) + 5))
     while not job.done():
         if time.time() > deadline:
             raise MPQError(f"Slurm job {job.job_id} has not finished within launcher.max_wait_min; it is {job.state}")
-        time.sleep(float(lcfg.get("poll_seconds", 2)))
+        time.sleep(float(lcfg.poll_seconds))
     try:
         result = job.results()[0]  # rank 0's return value: present only if the stage finished
     except Exception:

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from framework.data.registry import dataset_root, get_dataset_spec
 from framework.errors import MPQError
@@ -48,29 +47,17 @@ ORDERS = ("random", "quasi_random")
 SPLITS = ("train", "test")
 
 
-def select(node: Any, key: str, default: Any = None) -> Any:
-    value = OmegaConf.select(node, key, default=default) if OmegaConf.is_config(node) else None
-    return default if value is None else value
-
-
 def write_options(data_cfg: Any) -> dict[str, Any]:
-    """The options that decide a beton's bytes, from `data_cfg.ffcv.write` (defaults: raw pixels)."""
-    mode = str(select(data_cfg, "ffcv.write.mode", "raw"))
-    if mode not in WRITE_MODES:
-        raise MPQError(f"data.ffcv.write.mode={mode!r} is invalid: choose one of {', '.join(WRITE_MODES)}")
-    max_res = select(data_cfg, "ffcv.write.max_resolution")
-    try:
-        options: dict[str, Any] = {"mode": mode, "max_resolution": int(max_res) if max_res else None}
-        if mode != "raw":
-            options["jpeg_quality"] = int(select(data_cfg, "ffcv.write.jpeg_quality", 90))
-        if mode == "proportion":
-            options["compress_probability"] = float(select(data_cfg, "ffcv.write.compress_probability", 0.5))
-    except (TypeError, ValueError) as err:
-        raise MPQError(f"data.ffcv.write: {err}; max_resolution and jpeg_quality are whole numbers, "
-                       f"compress_probability a number in [0, 1]") from None
-    if not 1 <= options.get("jpeg_quality", 90) <= 100 or not 0 <= options.get("compress_probability", 0.5) <= 1:
-        raise MPQError(f"data.ffcv.write: jpeg_quality must be in 1-100 and compress_probability in [0, 1], got "
-                       f"{options.get('jpeg_quality')} and {options.get('compress_probability')}")
+    """The options that decide a beton's bytes, from `data_cfg.ffcv.write` (checked by
+    framework.config.data): the mode and resolution cap, the JPEG quality unless raw, the share of
+    JPEG images in `proportion` mode."""
+    write = data_cfg.ffcv.write
+    mode = str(write.mode)
+    options: dict[str, Any] = {"mode": mode, "max_resolution": int(write.max_resolution) if write.max_resolution else None}
+    if mode != "raw":
+        options["jpeg_quality"] = int(write.jpeg_quality)
+    if mode == "proportion":
+        options["compress_probability"] = float(write.compress_probability)
     return options
 
 
@@ -87,9 +74,8 @@ def dataset_key(data_cfg: Any) -> str:
 
 def beton_dir(data_cfg: Any) -> Path:
     """`data.ffcv.dir`, or `ffcv/` in the project's data folder."""
-    configured = select(data_cfg, "ffcv.dir")
-    if configured:
-        return Path(str(configured))
+    if data_cfg.ffcv.dir:
+        return Path(str(data_cfg.ffcv.dir))
     if get_dataset_spec(str(data_cfg.name)).num_classes is None:
         # an image tree: beside the project's data, not inside the user's (possibly read-only) tree
         from framework.paths import default_data_root
@@ -118,11 +104,10 @@ def sidecar_path(path: Path) -> Path:
 def prepare_command(data_cfg: Any) -> str:
     """The `mpq prepare ...` command that writes the betons `data_cfg` asks for."""
     parts = ["mpq prepare", f"data={data_cfg.name}"]
-    root = data_cfg.get("root")
-    if root:
-        parts.append(f"data.root={root}")
-    if select(data_cfg, "ffcv.dir"):
-        parts.append(f"data.ffcv.dir={select(data_cfg, 'ffcv.dir')}")
+    if data_cfg.root:
+        parts.append(f"data.root={data_cfg.root}")
+    if data_cfg.ffcv.dir:
+        parts.append(f"data.ffcv.dir={data_cfg.ffcv.dir}")
     options = write_options(data_cfg)
     parts.append(f"data.ffcv.write.mode={options['mode']}")
     parts.append(f"data.ffcv.write.max_resolution={options['max_resolution'] or 'null'}")
@@ -235,9 +220,8 @@ class _RGBSamples:
 
 
 def _writer_workers(data_cfg: Any) -> int:
-    workers = select(data_cfg, "ffcv.write.workers")
-    if workers:
-        return int(workers)
+    if data_cfg.ffcv.write.workers:
+        return int(data_cfg.ffcv.write.workers)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -270,9 +254,9 @@ def write_beton(data_cfg: Any, split: str, force: bool = False) -> dict[str, Any
     os.close(fd)
     tmp, error_dir = Path(tmp_name), Path(tempfile.mkdtemp(prefix=".errors.", dir=path.parent))
     try:
+        write = data_cfg.ffcv.write
         image_field = RGBImageField(write_mode=options["mode"], max_resolution=options["max_resolution"],
-                                    jpeg_quality=options.get("jpeg_quality", 90),
-                                    compress_probability=options.get("compress_probability", 0.5))
+                                    jpeg_quality=int(write.jpeg_quality), compress_probability=float(write.compress_probability))
         writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=_writer_workers(data_cfg))
         print(f"mpq prepare: writing {samples} samples of {data_cfg.name}/{split} ({options['mode']}) to {path}", flush=True)
         writer.from_indexed_dataset(_RGBSamples(source, error_dir))
@@ -305,7 +289,6 @@ def prepare_betons(data_cfg: Any, splits: Any = SPLITS, force: bool = False) -> 
     unknown = [split for split in splits if split not in SPLITS]
     if unknown or not splits:
         raise MPQError(f"prepare.splits={splits!r}: unknown or no split {unknown[:1]}; choose from {', '.join(SPLITS)}")
-    write_options(data_cfg)  # bad write options are one error before anything is written
     reports = []
     for split in splits:
         report = write_beton(data_cfg, str(split), force=force)

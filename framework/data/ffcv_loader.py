@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from framework.data.beton import ORDERS, check_beton, select
+from framework.data.beton import check_beton
 from framework.data.registry import DatasetSpec, get_dataset_spec
 from framework.data.samplers import EpochSampler, ShardSampler
 from framework.data.transforms import _normalise
@@ -113,11 +113,11 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
         ToTorchImage,
     )
 
-    channels = int(data_cfg.get("channels") or spec.native_channels)
-    augment = train and bool(data_cfg.get("augment", True))
+    channels = int(data_cfg.channels or spec.native_channels)
+    augment = train and bool(data_cfg.augment)
     resize = None
     if spec.kind == "digits":
-        size = int(data_cfg.get("input_size") or spec.native_size)
+        size = int(data_cfg.input_size or spec.native_size)
         image: list = [SimpleRGBImageDecoder()]
         if augment:
             image.append(RandomTranslate(padding=2, fill=(0, 0, 0)))
@@ -125,7 +125,7 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
                 image.append(RandomHorizontalFlip())
         resize = size if size != spec.native_size else None
     else:
-        size = int(data_cfg.get("input_size") or 224)
+        size = int(data_cfg.input_size or 224)
         if augment:
             image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
         else:
@@ -177,7 +177,7 @@ def _decoding_threads(data_cfg: Any) -> int:
     the threads numba may start (more is an error inside numba)."""
     import numba
 
-    return min(max(1, int(data_cfg.get("num_workers") or 0)), int(numba.config.NUMBA_NUM_THREADS))
+    return min(max(1, int(data_cfg.num_workers)), int(numba.config.NUMBA_NUM_THREADS))
 
 
 class QuasiRandomSampler(EpochSampler):
@@ -253,9 +253,7 @@ def build_ffcv_loader(dataset: Dataset, batch_size: int, train: bool, data_cfg: 
     info = getattr(dataset, "mpq_info", None)
     if info is None:
         raise MPQError("data.loader=ffcv reads datasets opened by framework.data.build_dataset (they name their split)")
-    order = str(select(data_cfg, "ffcv.order", "random"))
-    if order not in ORDERS:
-        raise MPQError(f"data.ffcv.order={order!r} is invalid: choose one of {', '.join(ORDERS)}")
+    order = str(data_cfg.ffcv.order)
     spec = get_dataset_spec(info["dataset"])
     rows, split_size = rows_of(dataset)
     whole = dataset.dataset if isinstance(dataset, Subset) else dataset
@@ -269,9 +267,9 @@ def build_ffcv_loader(dataset: Dataset, batch_size: int, train: bool, data_cfg: 
     threads = torch.get_num_threads()  # FFCV's Loader sets torch's thread count to its workers'
     loader = _explicit_order_loader()(
         str(path), batch_size=loader_batch, num_workers=_decoding_threads(data_cfg),
-        os_cache=bool(select(data_cfg, "ffcv.os_cache", True)), seed=int(seed), indices=rows.astype(np.uint64),
+        os_cache=bool(data_cfg.ffcv.os_cache), seed=int(seed), indices=rows.astype(np.uint64),
         pipelines=build_pipelines(spec, data_cfg, bool(getattr(dataset, "mpq_train_transforms", train))),
-        drop_last=False, batches_ahead=int(select(data_cfg, "ffcv.batches_ahead", 3)),
+        drop_last=False, batches_ahead=int(data_cfg.ffcv.batches_ahead),
     )
     torch.set_num_threads(threads)
     sampler: EpochSampler | ShardSampler

@@ -30,7 +30,7 @@ def build_loader(
     the `accumulation` micro-batches of one optimizer step (`batch_size * accumulation` samples).
     Evaluation: this rank's shard in order, batches of `batch_size`.
     """
-    kind = str(data_cfg.get("loader", "torch"))
+    kind = str(data_cfg.loader)
     if kind == "ffcv":
         from framework.data.ffcv_loader import build_ffcv_loader
 
@@ -40,7 +40,7 @@ def build_loader(
         raise MPQError(f"unknown data.loader '{kind}'; choose one of: torch, ffcv")
     generator = torch.Generator()
     generator.manual_seed(int(seed))
-    workers = int(data_cfg.get("num_workers", 0) or 0)
+    workers = int(data_cfg.num_workers)
     size = len(dataset)  # type: ignore[arg-type]
     if train:
         micro = min(int(batch_size), size)

@@ -52,6 +52,9 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def available_datasets() -> list[str]:
+    """The registered dataset names (the built-in ones included)."""
+    from framework.data import datasets  # noqa: F401  (registers the built-in datasets)
+
     return sorted(DATASETS)
 
 
@@ -65,8 +68,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 
 
 def dataset_root(data_cfg: Any) -> Path:
-    root = data_cfg.get("root") if hasattr(data_cfg, "get") else None
-    return Path(root) if root else default_data_root()
+    return Path(data_cfg.root) if data_cfg.root else default_data_root()
 
 
 def targets_of(dataset: Dataset) -> np.ndarray:
@@ -93,25 +95,25 @@ def build_dataset(data_cfg: Any, split: str, train_transforms: bool | None = Non
         train_transforms = split == "train"
     transform = build_transform(
         spec,
-        input_size=data_cfg.get("input_size") or spec.native_size,
-        channels=data_cfg.get("channels") or spec.native_channels,
+        input_size=data_cfg.input_size or spec.native_size,
+        channels=data_cfg.channels or spec.native_channels,
         train=train_transforms,
-        augment=bool(data_cfg.get("augment", True)),
+        augment=bool(data_cfg.augment),
     )
     dataset = spec.open_split(root, split, transform)
     num_classes = spec.num_classes or len(dataset.classes)  # type: ignore[attr-defined]
 
     if split == "train":
-        fraction, per_class = data_cfg.get("fraction"), data_cfg.get("per_class")
+        fraction, per_class = data_cfg.fraction, data_cfg.per_class
     else:
-        fraction, per_class = data_cfg.get("test_fraction"), None
+        fraction, per_class = data_cfg.test_fraction, None
     info: dict[str, Any] = {"dataset": spec.name, "split": split, "num_classes": num_classes}
     if per_class or (fraction is not None and float(fraction) < 1.0):
         indices = balanced_subset(
             targets_of(dataset),
             fraction=None if per_class else float(fraction),
             per_class=int(per_class) if per_class else None,
-            seed=int(data_cfg.get("seed", 0) or 0),
+            seed=int(data_cfg.seed),
         )
         dataset = Subset(dataset, indices.tolist())
         info.update(fraction=fraction, per_class=per_class, indices_hash=indices_hash(indices))

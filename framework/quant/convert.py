@@ -24,8 +24,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def fixed_bits_of(qcfg) -> int | None:
-    """`quant.fixed_bits`: 8 (default), 32, or None/"searched" (the first and last layers are searched)."""
-    value = qcfg.get("fixed_bits", 8)
+    """`quant.fixed_bits`: a bit-width (8, 32, ...), or None/"searched" (the first and last layers are searched)."""
+    value = qcfg.fixed_bits
     if value is None or str(value).lower() in ("searched", "none", "null"):
         return None
     return int(value)

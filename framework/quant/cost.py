@@ -144,10 +144,14 @@ def expected_bitops(model: nn.Module) -> torch.Tensor:
     return searched + fixed
 
 
+#: the complexity penalties of the search (`search.complexity.penalty`)
+PENALTIES = ("linear", "hinge")
+
+
 def complexity_penalty(expected: torch.Tensor, mode: str, reference: float) -> torch.Tensor:
     """`C / C_ref` (mode "linear") or `max(0, C / C_target - 1)^2` (mode "hinge"), before the weight."""
     if mode == "linear":
         return expected / float(reference)
     if mode == "hinge":
         return torch.clamp(expected / float(reference) - 1.0, min=0.0) ** 2
-    raise ValueError(f"unknown complexity penalty '{mode}'; choose linear or hinge")
+    raise ValueError(f"unknown complexity penalty '{mode}'; choose one of {', '.join(PENALTIES)}")

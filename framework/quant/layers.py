@@ -57,11 +57,11 @@ class _QuantMixin:
 
     def _init_quant(self, w_bits: int, a_bits: int, qcfg, out_channels: int) -> None:
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
-        fused = bool(qcfg.get("fused", False))
+        fused = bool(qcfg.fused)
         self.weight_quant = make_weight_quantizer(
-            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.get("per_channel", False)), fused=fused
+            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.per_channel), fused=fused
         )
-        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.get("act_init_range", 6.0)), fused)
+        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.act_init_range), fused)
         self.macs = 0.0
         # SAQ (sharpness-aware quantization) hooks: a perturbation added *after* quantization, and the
         # quantized weight of the last forward pass kept with its gradient (case 3 perturbs along it)
@@ -119,20 +119,20 @@ class _SearchMixin:
     def _init_search(self, w_candidates: Sequence[int], a_candidates: Sequence[int], qcfg, out_channels: int) -> None:
         self.w_candidates = tuple(sorted({check_bits(b) for b in w_candidates}))
         self.a_candidates = tuple(sorted({check_bits(b) for b in a_candidates}))
-        self.joint = bool(qcfg.get("joint_wa", False))
+        self.joint = bool(qcfg.joint_wa)
         if self.joint and self.w_candidates != self.a_candidates:
             raise ValueError("joint weight/activation bits need the same candidate sets")
-        init = float(qcfg.get("alpha_init", 0.01))
+        init = float(qcfg.alpha_init)
         self.alpha_w = nn.Parameter(torch.full((len(self.w_candidates),), init))
         self.alpha_a = None if self.joint else nn.Parameter(torch.full((len(self.a_candidates),), init))
-        per_channel = bool(qcfg.get("per_channel", False))
+        per_channel = bool(qcfg.per_channel)
         self.weight_quants = nn.ModuleList(
             make_weight_quantizer(qcfg.weight, b, out_channels, per_channel) for b in self.w_candidates
         )
-        init_range = float(qcfg.get("act_init_range", 6.0))
+        init_range = float(qcfg.act_init_range)
         self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
-        self.gumbel_tau = qcfg.get("gumbel_tau")
-        self.fused = bool(qcfg.get("fused", False)) and all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
+        self.gumbel_tau = qcfg.gumbel_tau
+        self.fused = bool(qcfg.fused) and all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
         self.macs = 0.0
         self.register_buffer("w_bit_values", torch.tensor(self.w_candidates, dtype=torch.float32), persistent=False)
         self.register_buffer("a_bit_values", torch.tensor(self.a_candidates, dtype=torch.float32), persistent=False)

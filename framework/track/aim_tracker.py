@@ -128,14 +128,12 @@ def index_run(repo: str | Path, run_hash: str) -> None:
 
 def open_tracker(cfg: Any, stage: str, main: bool = True) -> NullTracker:
     """The tracker for one stage run, as `cfg.tracking` says; ranks other than 0 (`main=False`) track nothing."""
-    tracking = cfg.get("tracking") or {}
-    if not main or not tracking.get("enabled", True):
+    tracking = cfg.tracking
+    if not main or not tracking.enabled:
         return NullTracker()
-    repo = str(tracking.get("repo") or ".")
-    experiment = str(cfg.get("experiment_name") or "mpq")
     hparams = config_to_dict(cfg) or {}
-    return Tracker(repo=repo, experiment=experiment, run_name=str(tracking.get("run_name") or stage), hparams=hparams,
-                   tags=[stage, *(tracking.get("tags") or [])], run_hash_file=tracking.get("run_hash_file"))
+    return Tracker(repo=str(tracking.repo), experiment=str(cfg.experiment_name), run_name=str(tracking.run_name or stage),
+                   hparams=hparams, tags=[stage, *tracking.tags], run_hash_file=tracking.run_hash_file)
 
 
 def _previous_run(repo: str, run_hash_file: str | None) -> str | None:

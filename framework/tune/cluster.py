@@ -87,10 +87,9 @@ def ray_session(tcfg: Any) -> Iterator[dict[str, Any]]:
     if ray.is_initialized():
         yield {"mode": "existing", "resources": ray.cluster_resources()}
         return
-    address = tcfg.get("address")
+    address = tcfg.address
     if not address or address == "local":
-        num_gpus = tcfg.get("num_gpus")
-        ray.init(address="local", num_cpus=tcfg.get("num_cpus"), num_gpus=num_gpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=tcfg.num_cpus, num_gpus=tcfg.num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING, runtime_env=WORKER_ENV)
         mode = "embedded"
     else:

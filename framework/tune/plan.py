@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from framework.config_checks import check_config
+from framework.config import validate_config
 from framework.errors import MPQError
 from framework.paths import CONF_DIR
 from framework.results import config_to_dict
@@ -123,24 +123,21 @@ def _base(cfg: DictConfig) -> dict[str, Any]:
     base = OmegaConf.to_container(cfg, resolve=False)
     for key in ("tune", "hydra", "launcher"):  # the sweep's own; `launcher` may point into Hydra's runtime
         base.pop(key, None)
-    if cfg.get("init_checkpoint"):
+    if cfg.init_checkpoint:
         base["init_checkpoint"] = str(Path(cfg.init_checkpoint).resolve())
-    if "tracking" in base:
-        repo = str(OmegaConf.select(cfg, "tracking.repo", default=None) or ".")
-        base["tracking"]["repo"] = repo if repo.startswith("aim://") else str(Path(repo).resolve())
+    repo = str(cfg.tracking.repo)
+    base["tracking"]["repo"] = repo if repo.startswith("aim://") else str(Path(repo).resolve())
     for node in ("data", "proxy"):
-        root = OmegaConf.select(cfg, f"{node}.root", default=None)
-        if root:
-            base[node]["root"] = str(Path(root).resolve())
-        ffcv_dir = OmegaConf.select(cfg, f"{node}.ffcv.dir", default=None)
-        if ffcv_dir and isinstance(base[node].get("ffcv"), dict):
-            base[node]["ffcv"]["dir"] = str(Path(ffcv_dir).resolve())
+        if cfg[node].root:
+            base[node]["root"] = str(Path(cfg[node].root).resolve())
+        if cfg[node].ffcv.dir:
+            base[node]["ffcv"]["dir"] = str(Path(cfg[node].ffcv.dir).resolve())
     return base
 
 
 def available_methods() -> list[str]:
     """The search methods with a config file in conf/search/."""
-    return sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / "search").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def make_plan(cfg: DictConfig) -> Plan:
@@ -152,7 +149,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     tcfg = cfg.tune
     base = _base(cfg)
 
-    space = OmegaConf.to_container(tcfg.space, resolve=True) if tcfg.get("space") is not None else None
+    space = OmegaConf.to_container(tcfg.space, resolve=True) if tcfg.space is not None else None
     dimensions = parse_space(space)
     methods: dict[str, dict[str, Any]] = {}
     for dim in dimensions:
@@ -176,14 +173,14 @@ def make_plan(cfg: DictConfig) -> Plan:
         return _has(base, key)
 
     check_known(dimensions, known)
-    points = expand(dimensions, int(tcfg.get("num_samples") or 1), int(tcfg.get("space_seed") or 0))
+    points = expand(dimensions, int(tcfg.num_samples), int(tcfg.space_seed))
     trials: list[TrialSpec] = []
     duplicates: list[dict[str, Any]] = []
     seen: set[str] = set()
     for point in points:
         trial_cfg = trial_config(base, methods, point)
         try:
-            check_config(trial_cfg)
+            validate_config(trial_cfg)
         except MPQError as err:
             raise MPQError(f"the trial {_describe(point)} of tune.space is invalid: {err}") from None
         key = trial_key(trial_cfg)

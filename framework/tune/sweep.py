@@ -57,32 +57,6 @@ class SweepInterrupted(Interrupted):
         self.signal_name, self.checkpoint, self.step = "interrupt", experiment, finished
 
 
-def _check_tune(tcfg: DictConfig) -> None:
-    """Types and ranges of `tune.*`, one error naming the key."""
-    def number(key: str, minimum: float, whole: bool = False, optional: bool = False, strict: bool = False) -> None:
-        value = tcfg.get(key) if "." not in key else tcfg.scheduler.get(key.split(".", 1)[1])
-        if value is None and optional:
-            return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > minimum if strict else value >= minimum)
-        if not ok or (whole and not isinstance(value, int)):
-            kind = "a whole number" if whole else "a number"
-            raise MPQError(f"tune.{key}={value!r} is invalid: expected {kind} {'>' if strict else '>='} {minimum}")
-
-    number("cpus_per_trial", 0, strict=True)
-    number("gpus_per_trial", 0)
-    number("max_concurrent", 1, whole=True, optional=True)
-    number("num_samples", 1, whole=True)
-    number("max_failures", 0, whole=True)
-    number("top_k", 1, whole=True)
-    number("num_cpus", 1, whole=True, optional=True)
-    number("num_gpus", 0, optional=True)
-    if tcfg.scheduler.get("name") not in ("asha", "fifo"):
-        raise MPQError(f"tune.scheduler.name={tcfg.scheduler.get('name')!r} is invalid: choose one of asha, fifo")
-    number("scheduler.grace_period", 1, whole=True)
-    number("scheduler.reduction_factor", 1, strict=True)
-    number("scheduler.max_t", 1, whole=True, optional=True)
-
-
 def _trial_dirname(trial) -> str:
     """Tune's folder for a trial: `<index>_<key>`, so results map back to the plan by name."""
     spec = trial.config["trial"]
@@ -97,7 +71,7 @@ def _stopped_record(run_dir: Path, name: str) -> Path:
 def _scheduler(tcfg: DictConfig, plan: Plan, record: Path):
     from framework.tune.scheduler import build_scheduler
 
-    max_t = int(tcfg.scheduler.get("max_t") or max(int(plan.config(t).search.epochs) for t in plan.trials))
+    max_t = int(tcfg.scheduler.max_t or max(int(plan.config(t).search.epochs) for t in plan.trials))
     grace = int(tcfg.scheduler.grace_period)
     if tcfg.scheduler.name == "asha" and grace > max_t:
         raise MPQError(f"tune.scheduler.grace_period={grace} is longer than a trial ({max_t} epochs, tune.scheduler.max_t "
@@ -144,8 +118,8 @@ def _tuner(cfg: DictConfig, plan: Plan, context: TrialContext, run_dir: Path, na
         trainable,
         param_space={"trial": tune.grid_search([t.as_dict() for t in plan.trials])},
         tune_config=tune.TuneConfig(
-            scheduler=scheduler, num_samples=1, max_concurrent_trials=tcfg.get("max_concurrent"),
-            reuse_actors=bool(tcfg.get("reuse_actors", True)), trial_dirname_creator=_trial_dirname,
+            scheduler=scheduler, num_samples=1, max_concurrent_trials=tcfg.max_concurrent,
+            reuse_actors=bool(tcfg.reuse_actors), trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(run_dir / "tune"),
@@ -209,7 +183,7 @@ def collect_trials(plan: Plan, context: TrialContext, grid: Any, stopped: dict[s
 def _selection_budget(cfg: DictConfig, finished: list[dict[str, Any]]) -> float | None:
     """`search.budget_bitops`, else the one budget every finished policy records (from
     `search.budget_uniform_bits`), else None (the selection then says what to set)."""
-    explicit = cfg.search.get("budget_bitops")
+    explicit = cfg.search.budget_bitops
     if explicit:
         return float(explicit)
     budgets = {row["budget_bitops"] for row in finished if row["budget_bitops"]}
@@ -221,9 +195,9 @@ def _selection_budget(cfg: DictConfig, finished: list[dict[str, Any]]) -> float 
 
 def _aim_repo(plan: Plan) -> str | None:
     """The trials' local Aim repository, or None (tracking off, or a remote server)."""
-    tracking = plan.base.get("tracking") or {}
-    repo = str(tracking.get("repo") or ".")
-    return None if not tracking.get("enabled", True) or repo.startswith("aim://") else repo
+    tracking = plan.base["tracking"]
+    repo = str(tracking["repo"])
+    return None if not tracking["enabled"] or repo.startswith("aim://") else repo
 
 
 def _create_aim_repo(plan: Plan) -> None:
@@ -300,19 +274,18 @@ def run_sweep(cfg: DictConfig) -> Result:
 
     stage = "sweep"
     started = time.time()
-    run_dir = Path(cfg.get("run_dir") or Path("outputs") / stage / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    run_dir = Path(cfg.run_dir or Path("outputs") / stage / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.tune
-    _check_tune(tcfg)
     load_full_precision_checkpoint(cfg, stage)  # a missing or quantized checkpoint is an error before Ray starts
     plan = make_plan(cfg)
-    experiment = str(tcfg.get("name") or cfg.get("experiment_name") or "mpq")
+    experiment = str(tcfg.name or cfg.experiment_name)
     threads = max(1, int(math.floor(float(tcfg.cpus_per_trial))))
     context = TrialContext(plan.base, plan.methods, str(run_dir), experiment, threads)
 
     name, restore = _experiment(run_dir, plan)
     experiment_dir = run_dir / "tune" / name
-    if (cfg.get("resume") or tcfg.get("resume")) and not restore:
+    if (cfg.resume or tcfg.resume) and not restore:
         raise MPQError(f"resume=true: there is no sweep of these {len(plan.trials)} trials to restore in {run_dir}; point "
                        f"hydra.run.dir at the interrupted sweep's folder and give its config, or drop resume")
     record = json.dumps(_plan_record(plan), indent=2, default=str) + "\n"

@@ -2,6 +2,7 @@
 
 import pytest
 
+from framework.config import validate_config
 from framework.errors import MPQError
 from framework.tune.sweep import run_sweep
 from tests.tune.conftest import sweep_config
@@ -52,5 +53,7 @@ def test_a_sweep_needs_a_full_precision_checkpoint(tmp_path):
     (["~tune.space", "+tune.space={search: {lr_logitz: {grid: [0.1]}}}"], r"tune.space.search.lr_logitz: the config has no key"),
 ])
 def test_bad_tune_values_name_the_key(tmp_path, checkpoint, overrides, message):
+    cfg = sweep_config(tmp_path, checkpoint, *overrides)
     with pytest.raises(MPQError, match=message):
-        run_sweep(sweep_config(tmp_path, checkpoint, *overrides))
+        validate_config(cfg)  # what `mpq sweep` does first (types and ranges: framework.config)
+        run_sweep(cfg)

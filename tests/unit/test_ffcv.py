@@ -204,12 +204,12 @@ def test_a_tree_with_other_classes_is_refused(tmp_path):
     ("data.ffcv.write.jpeg_quality=0", r"data.ffcv.write.jpeg_quality=0"),
 ])
 def test_bad_prepare_options_are_one_error_before_writing(tmp_path, override, message):
-    from framework.config_checks import check_config
+    from framework.config import validate_config
     from framework.stages.prepare import run_prepare
 
     cfg = compose_config("prepare", ["data=mnist", f"data.ffcv.dir={tmp_path}", "data.ffcv.write.mode=jpg", override,
                                       f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(MPQError, match=message):
-        check_config(cfg)
+        validate_config(cfg)
         run_prepare(cfg)
     assert not list(tmp_path.rglob("*.beton"))

@@ -7,7 +7,6 @@ import torch
 
 from framework.errors import MPQError
 from framework.models import create_model
-from framework.paths import CONF_DIR
 from framework.policy import (
     Budget,
     cost_at,
@@ -120,10 +119,10 @@ def test_random_policies_are_seeded_and_meet_the_budget():
 
 
 def _supernet():
-    from omegaconf import OmegaConf
+    from tests.conftest import compose_config
 
     model = create_model("resnet8", num_classes=10, in_channels=1)
-    build_supernet(model, trace_layers(model, 28, 1), OmegaConf.load(CONF_DIR / "quant" / "minmax.yaml"))
+    build_supernet(model, trace_layers(model, 28, 1), compose_config("pretrain", ["quant=minmax"]).quant)
     return model
 
 

@@ -20,9 +20,10 @@ from framework.quant import (
     trace_layers,
 )
 from framework.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from tests.conftest import compose_config
 
 LSQ = OmegaConf.load(CONF_DIR / "quant" / "lsq.yaml")
-MINMAX = OmegaConf.load(CONF_DIR / "quant" / "minmax.yaml")
+MINMAX = compose_config("pretrain", ["quant=minmax"]).quant  # minmax.yaml builds on lsq.yaml
 
 
 class CountConvolutions(TorchDispatchMode):

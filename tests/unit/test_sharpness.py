@@ -13,8 +13,9 @@ from framework.models import create_model
 from framework.paths import CONF_DIR
 from framework.quant import QConv2d, build_supernet, quantize_model, trace_layers
 from framework.sharpness import ASGA, SAM, TwoPassOptimizer, adaptive_radius
+from tests.conftest import compose_config
 
-MINMAX = OmegaConf.load(CONF_DIR / "quant" / "minmax.yaml")
+MINMAX = compose_config("pretrain", ["quant=minmax"]).quant  # minmax.yaml builds on lsq.yaml
 LSQ = OmegaConf.load(CONF_DIR / "quant" / "lsq.yaml")
 
 

@@ -1,0 +1,102 @@
+"""The whole config: the root keys of conf/config.yaml and one schema per group, plus the checks
+across groups (several processes only for the training stages; ZeRO stage 3 refused as
+framework.dist.engine.check_zero_stage says).
+
+`tune` and `launcher` are absent from a sweep trial's config (framework.tune.plan drops them), so
+they may be missing; every other key must be there.
+"""
+
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from framework.config.data import DataConfig
+from framework.config.dist import DistConfig
+from framework.config.finetune import FinetuneConfig
+from framework.config.launcher import LocalLauncher, SlurmLauncher
+from framework.config.model import ModelConfig
+from framework.config.quant import QuantConfig
+from framework.config.search import SearchConfig
+from framework.config.tracking import TrackingConfig
+from framework.config.train import TrainConfig
+from framework.config.tune import TuneConfig
+from framework.config.types import Flag, Schema, Text, invalid, list_of, sentence, whole
+
+#: the stages that train through the DeepSpeed engine, on `dist.nproc` processes
+TRAINING_STAGES = ("pretrain", "finetune")
+
+
+def _splits() -> tuple[str, ...]:
+    from framework.data.beton import SPLITS
+
+    return SPLITS
+
+
+class PipelineConfig(Schema):
+    """`pipeline`: a fixed policy instead of the search, or a sweep instead of it."""
+
+    policy: Text | None
+    sweep: Flag
+
+
+class PrepareConfig(Schema):
+    """`prepare`: which splits `mpq prepare` writes, the proxy's too, rewriting or not."""
+
+    splits: list_of(_splits, "split")
+    proxy: Flag
+    force: Flag
+
+
+class RootConfig(Schema):
+    """Every key of a composed config, the groups validated by their own schemas."""
+
+    stage: Text
+    experiment_name: Text
+    seed: whole(0)
+    device: Text
+    threads: whole(1) | None
+    run_dir: Text | None
+    checkpoint: Text | None
+    init_checkpoint: Text | None
+    policy: Text | None
+    input_size: whole(1) | None
+    in_channels: whole(1)
+    num_classes: whole(1) | None
+    resume: Flag
+    checkpoint_every: whole(0)
+    pipeline: PipelineConfig
+    prepare: PrepareConfig
+    data: DataConfig
+    proxy: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    quant: QuantConfig
+    search: SearchConfig
+    finetune: FinetuneConfig
+    tracking: TrackingConfig
+    tune: TuneConfig | None = None  # absent from a sweep trial's config only
+    launcher: Annotated[LocalLauncher | SlurmLauncher, Field(discriminator="name")] | None = None  # likewise
+    dist: DistConfig
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto":
+            import torch
+
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise invalid("expected auto, cpu, cuda or cuda:<index>") from None
+        return value
+
+    @model_validator(mode="after")
+    def _processes(self):
+        if self.dist.nproc > 1 and self.stage not in TRAINING_STAGES:
+            raise sentence(f"dist.nproc={self.dist.nproc} applies to pretrain and finetune; {self.stage} runs on one "
+                           f"process (parallel searches: slurm/search_array.sbatch); drop dist.nproc")
+        if self.dist.zero_stage == 3 and self.stage in (*TRAINING_STAGES, "pipeline"):
+            from framework.dist.engine import check_zero_stage  # raises the one-line MPQError
+
+            check_zero_stage(3, two_pass=self.stage != "pretrain" and self.finetune.sharpness.name != "none")
+        return self

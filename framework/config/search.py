@@ -1,0 +1,61 @@
+"""`search`: the differentiable policy search (DNAS) and the methods built on it (SEAM, ASGA).
+
+Checks the schedule, learning rates and decays (>= 0), the budget (a positive number of BitOps,
+or the cost of uniform bits at a supported width), the complexity penalty (framework.quant.cost's
+PENALTIES; `hinge` needs a budget), the margin term, the two-pass rule and the supernet's quantizers.
+"""
+
+from pydantic import model_validator
+
+from framework.config.quant import QuantConfig, supported_bits
+from framework.config.sharpness import SharpnessConfig
+from framework.config.types import Flag, Schema, Text, between, number, one_of, sentence, whole
+
+
+def _penalties() -> tuple[str, ...]:
+    from framework.quant.cost import PENALTIES
+
+    return PENALTIES
+
+
+class ComplexityConfig(Schema):
+    """`search.complexity`: lambda_c and the penalty of the expected BitOps."""
+
+    weight: number(0)
+    penalty: one_of(_penalties)
+
+
+class MarginConfig(Schema):
+    """`search.margin`: SEAM's large-margin term (weight 0: off)."""
+
+    weight: number(0)
+    margin: number(0)
+    momentum: between(0, 1)
+
+
+class SearchConfig(Schema):
+    """The search: schedule, optimizers of weights and logits, budget, penalty, margin, rule, supernet."""
+
+    method: Text
+    epochs: whole(1)
+    max_steps: whole(1) | None
+    batch_size: whole(1) | None
+    lr_weights: number(0)
+    lr_logits: number(0)
+    momentum: between(0, 1)
+    weight_decay: number(0)
+    logit_weight_decay: number(0)
+    budget_bitops: number(0, strict=True) | None
+    budget_uniform_bits: one_of(supported_bits) | None
+    repair: Flag
+    complexity: ComplexityConfig
+    margin: MarginConfig
+    sharpness: SharpnessConfig
+    quant: QuantConfig
+
+    @model_validator(mode="after")
+    def _hinge_needs_a_budget(self):
+        if self.complexity.penalty == "hinge" and self.budget_bitops is None and self.budget_uniform_bits is None:
+            raise sentence("search.complexity.penalty=hinge needs a budget: set search.budget_bitops or "
+                           "search.budget_uniform_bits (or search.complexity.penalty=linear)")
+        return self
