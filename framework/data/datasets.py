@@ -11,7 +11,7 @@ from typing import Any
 
 from torchvision import datasets as tv_datasets
 
-from framework.data.registry import DatasetSpec, register_dataset
+from framework.data.spec import DatasetSpec, register_dataset
 from framework.errors import MPQError
 from framework.paths import SETUP_COMMAND
 

@@ -60,8 +60,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from framework.data.beton import check_beton
-from framework.data.registry import DatasetSpec, get_dataset_spec
+from framework.data.registry import get_dataset_spec
 from framework.data.samplers import EpochSampler, ShardSampler
+from framework.data.spec import DatasetSpec
 from framework.data.transforms import _normalise
 from framework.errors import MPQError
 

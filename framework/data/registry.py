@@ -1,4 +1,4 @@
-"""The dataset registry.
+"""Datasets by name: the lookups of the registry (:mod:`framework.data.spec`) and the factory.
 
 A dataset is registered by name with a :class:`DatasetSpec` that knows its native geometry, its
 normalisation and how to open a split from disk. :func:`build_dataset` turns a `data` (or `proxy`)
@@ -9,8 +9,6 @@ the set-up command.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +16,10 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from framework.data.proxy import balanced_subset, indices_hash
+from framework.data.spec import DATASETS, DatasetSpec
 from framework.data.transforms import build_transform
 from framework.errors import MPQError
 from framework.paths import default_data_root
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the framework needs to know about a dataset.
-
-    `open_split(root, split, transform)` returns a dataset whose `targets` lists every label;
-    `num_classes` may be None when it is read from disk (ImageFolder).
-    """
-
-    name: str
-    open_split: Callable[[Path, str, Any], Dataset]
-    native_size: int | None
-    native_channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int | None
-    kind: str  # "digits" (small gray images) or "natural" (RGB photos, ImageNet-style transforms)
-    hflip: bool = False
-
-
-DATASETS: dict[str, DatasetSpec] = {}
-
-
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    """Add `spec` to the registry under `spec.name`."""
-    DATASETS[spec.name] = spec
-    return spec
 
 
 def available_datasets() -> list[str]:

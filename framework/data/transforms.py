@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torchvision import transforms as T
 
 if TYPE_CHECKING:
-    from framework.data.registry import DatasetSpec
+    from framework.data.spec import DatasetSpec
 
 
 def _normalise(spec: DatasetSpec, channels: int) -> T.Normalize:

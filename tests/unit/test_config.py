@@ -152,7 +152,7 @@ def test_the_hinge_penalty_needs_a_budget():
 
 
 def test_allowed_values_come_from_the_registries(monkeypatch):
-    from framework.models.registry import MODELS, available_models
+    from framework.models import MODELS, available_models
 
     available_models()  # the built-in models registered first
     monkeypatch.setitem(MODELS, "tiny_net", lambda num_classes, in_channels: None)

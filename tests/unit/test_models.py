@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from framework.errors import MPQError
-from framework.models import available_models, create_model
-from framework.models.registry import load_adapted_weights
+from framework.models import available_models, create_model, load_adapted_weights
 
 SMALL = {"resnet8", "resnet20"}
 
