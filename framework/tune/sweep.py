@@ -39,8 +39,10 @@ from framework.results import Result, atomic_write_text, write_result
 from framework.stage import load_full_precision_checkpoint
 from framework.train.resume import Interrupted
 from framework.tune.plan import Plan, make_plan
+from framework.tune.report import collect_trials, format_trials, selection_budget, write_selected
 from framework.tune.select import best_under_budget, pareto_front, top_under_budget
-from framework.tune.trial import AIM_RUN, TrialContext, finished_result, read_attempts, run_trial
+from framework.tune.tracking import create_aim_repo, index_aim_runs
+from framework.tune.trial import TrialContext, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -128,139 +130,6 @@ def _tuner(cfg: DictConfig, plan: Plan, context: TrialContext, run_dir: Path, na
     )
 
 
-def _error_summary(error: Any) -> str:
-    """The last line of an error (Ray's trial errors end with the exception's message)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return (lines[-1].strip() if lines else type(error).__name__)[:500]
-
-
-def collect_trials(plan: Plan, context: TrialContext, grid: Any, stopped: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The table of trials: each planned trial with its status and numbers.
-
-    `finished` (its search wrote result.json), `stopped` (ASHA ended it early: `stopped`, the
-    scheduler's record), `error` (it failed after its retries, or a user error), `unfinished` /
-    `not started` (the sweep ended before the trial did: it was interrupted).
-    """
-    by_key = {}
-    for result in grid or []:
-        by_key[Path(result.path).name.split("_", 1)[-1]] = result
-    rows = []
-    for trial in plan.trials:
-        trial_dir = context.trial_dir(trial.key)
-        tune_result = by_key.get(trial.key)
-        metrics = dict(tune_result.metrics or {}) if tune_result is not None else {}
-        row: dict[str, Any] = {"index": trial.index, "key": trial.key, "overrides": trial.overrides, "run_dir": str(trial_dir),
-                               "status": None, "epochs": metrics.get("epoch"), "proxy_top1": None, "bitops": None,
-                               "gbitops": None, "expected_bitops": metrics.get("expected_bitops"), "budget_bitops": None,
-                               "policy": None, "error": None, "attempts": len(read_attempts(trial_dir))}
-        aim_file = trial_dir / AIM_RUN
-        row["aim_run"] = aim_file.read_text().strip() if aim_file.exists() else None
-        done = finished_result(trial_dir)
-        if done is not None:
-            from framework.policy import read_policy
-
-            policy_path = done["artifacts"]["policy"]
-            policy = read_policy(policy_path)
-            row.update(status="finished", proxy_top1=done["metrics"]["proxy_top1"], bitops=done["metrics"]["bitops"],
-                       gbitops=done["metrics"]["gbitops"], epochs=len(done.get("history") or []) or row["epochs"],
-                       expected_bitops=(done["metrics"].get("expected_gbitops") or 0.0) * 1e9, policy=policy_path,
-                       budget_bitops=policy.budget.bitops if policy.budget else None)
-        elif tune_result is not None and tune_result.error is not None:
-            row.update(status="error", error=_error_summary(tune_result.error))
-        elif metrics.get("error"):
-            row.update(status="error", error=metrics["error"])
-        elif trial.key in stopped:
-            entry = stopped[trial.key]
-            top1 = entry.get("proxy_top1")
-            row.update(status="stopped", epochs=entry.get("epoch"),
-                       proxy_top1=top1 if isinstance(top1, (int, float)) and math.isfinite(top1) else None)
-        else:
-            row.update(status="unfinished" if row["attempts"] else "not started")
-        rows.append(row)
-    return rows
-
-
-def _selection_budget(cfg: DictConfig, finished: list[dict[str, Any]]) -> float | None:
-    """`search.budget_bitops`, else the one budget every finished policy records (from
-    `search.budget_uniform_bits`), else None (the selection then says what to set)."""
-    explicit = cfg.search.budget_bitops
-    if explicit:
-        return float(explicit)
-    budgets = {row["budget_bitops"] for row in finished if row["budget_bitops"]}
-    if len(budgets) > 1:
-        raise MPQError(f"the trials searched under {len(budgets)} different budgets; set search.budget_bitops=<BitOps> "
-                       f"to select under one")
-    return budgets.pop() if budgets else None
-
-
-def _aim_repo(plan: Plan) -> str | None:
-    """The trials' local Aim repository, or None (tracking off, or a remote server)."""
-    tracking = plan.base["tracking"]
-    repo = str(tracking["repo"])
-    return None if not tracking["enabled"] or repo.startswith("aim://") else repo
-
-
-def _create_aim_repo(plan: Plan) -> None:
-    """Create the Aim repository before trials start: two trials creating it at once race (one
-    sees a half-made repository and fails)."""
-    repo = _aim_repo(plan)
-    if repo is None:
-        return
-    from aim import Repo
-
-    Path(repo).mkdir(parents=True, exist_ok=True)
-    try:
-        Repo.from_path(repo, init=True)
-    except Exception as err:
-        raise MPQError(f"cannot open the Aim repository {repo} ({type(err).__name__}: {err}); set tracking.repo to a "
-                       f"writable folder or aim://host:port, or tracking.enabled=false") from None
-
-
-def _index_aim_runs(plan: Plan, rows: list[dict[str, Any]]) -> None:
-    """Make every trial's Aim run visible to Aim's SDK (trials index their own on close, but a
-    stopped or killed trial may not have; this driver indexes them one after another)."""
-    repo = _aim_repo(plan)
-    if repo is None:
-        return
-    from framework.track.aim_tracker import index_run
-
-    for row in rows:
-        if row["aim_run"]:
-            index_run(repo, row["aim_run"])
-
-
-def _write_selected(best: dict[str, Any], rows: list[dict[str, Any]], front: list[dict[str, Any]], budget: float,
-                    context: TrialContext, run_dir: Path) -> dict[str, str]:
-    """The selected trial's policy as `<run_dir>/policy.json`, its provenance extended by the sweep's."""
-    from framework.policy import read_policy, write_policy
-
-    policy = read_policy(best["policy"])
-    provenance = dict(policy.provenance)
-    provenance["sweep"] = {
-        "trial": best["key"], "index": best["index"], "overrides": best["overrides"], "trial_dir": best["run_dir"],
-        "aim_run": best["aim_run"], "sweep_dir": str(run_dir), "experiment": context.experiment,
-        "selected_by": "highest proxy_top1 among finished trials with bitops <= budget_bitops",
-        "proxy_top1": best["proxy_top1"], "bitops": best["bitops"], "budget_bitops": budget,
-        "on_pareto_front": any(t["key"] == best["key"] for t in front),
-        "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
-    }
-    return write_policy(policy.model_copy(update={"provenance": provenance}), run_dir / "policy.json")
-
-
-def format_trials(rows: list[dict[str, Any]], selected: str | None = None) -> str:
-    """The table of trials `mpq sweep` prints."""
-    head = f"  {'#':>3}  {'trial':<12}  {'status':<11}{'epochs':>7}{'proxy top-1':>13}{'GBitOps':>10}  overrides"
-    lines = [head, "  " + "-" * (len(head) - 2)]
-    for row in rows:
-        top1 = f"{100 * row['proxy_top1']:.2f} %" if row["proxy_top1"] is not None else "-"
-        gbitops = f"{row['bitops'] / 1e9:.4f}" if row["bitops"] else "-"
-        mark = " *" if row["key"] == selected else ""
-        overrides = " ".join(f"{k}={v}" for k, v in row["overrides"].items())
-        lines.append(f"  {row['index']:>3}  {row['key']:<12}  {row['status']:<11}{row['epochs'] or 0:>7}{top1:>13}"
-                     f"{gbitops:>10}  {overrides}{mark}")
-    return "\n".join(lines)
-
-
 def run_sweep(cfg: DictConfig) -> Result:
     """Run the sweep `cfg.tune` describes over proxy searches and select the policy to transfer.
 
@@ -296,7 +165,7 @@ def run_sweep(cfg: DictConfig) -> Result:
              len(plan.duplicates), ", ".join(d.key for d in plan.dimensions), f"{tcfg.cpus_per_trial} CPU", run_dir)
 
     scheduler = _scheduler(tcfg, plan, _stopped_record(run_dir, name))  # its errors too come before Ray starts
-    _create_aim_repo(plan)
+    create_aim_repo(plan)
     with ray_session(tcfg) as ray_info:
         grid = _tuner(cfg, plan, context, run_dir, name, restore, scheduler).fit()
     from framework.tune.scheduler import stopped_early
@@ -304,7 +173,7 @@ def run_sweep(cfg: DictConfig) -> Result:
     rows = collect_trials(plan, context, grid, stopped_early(_stopped_record(run_dir, name)))
     interrupted = any(row["status"] in ("unfinished", "not started") for row in rows)
     atomic_write_text(run_dir / "trials.json", json.dumps(rows, indent=2, default=str) + "\n")
-    _index_aim_runs(plan, rows)
+    index_aim_runs(plan, rows)
     finished = [row for row in rows if row["status"] == "finished"]
     if interrupted:
         raise SweepInterrupted(experiment_dir, len(finished), len(rows))
@@ -314,11 +183,11 @@ def run_sweep(cfg: DictConfig) -> Result:
                        f"{sum(r['status'] == 'stopped' for r in rows)} stopped, {len(errors)} failed)"
                        + (f"; first error: {errors[0]}" if errors else "") + f"; see {run_dir / 'trials.json'}")
 
-    budget = _selection_budget(cfg, finished)
+    budget = selection_budget(cfg, finished)
     front = pareto_front(finished)
     best = best_under_budget(finished, budget)
     top = top_under_budget(finished, budget, int(tcfg.top_k))
-    artifacts = _write_selected(best, rows, front, budget, context, run_dir)
+    artifacts = write_selected(best, rows, front, budget, context, run_dir)
     artifacts["pareto_plot"] = str(plot_pareto(rows, front, run_dir / "pareto.png", budget, best, title=f"{experiment} sweep"))
     artifacts.update(trials_table=str(run_dir / "trials.json"), experiment=str(experiment_dir), plan=str(plan_path))
     metrics = {
