@@ -10,7 +10,8 @@ point and the update follows the rule's direction::
 Which tensors are perturbed: every trainable parameter except the search logits (`alpha_w`,
 `alpha_a`) and the weight quantizers' step sizes, i.e. conv/linear weights, biases, batch-norm
 affine parameters and activation clip values (SAQ's defaults; Liu et al., "Sharpness-aware
-quantization for deep neural networks").
+quantization for deep neural networks"). The rule is on the dotted name's components, so it also
+holds when a quantized layer is itself the model (its step size is then `weight_quant.step`).
 
 SAQ placement for the weights of fixed-precision layers (`saq_case`):
 1. `L(Q(w) + eps(w))`: eps from the gradient of the latent weights, added after quantization;
@@ -36,8 +37,8 @@ WEIGHT_QUANTIZERS = ("weight_quant", "weight_quants")  # module names: everythin
 
 def is_perturbed(name: str) -> bool:
     """Whether the parameter called `name` (as `named_parameters` spells it) is perturbed."""
-    leaf = name.rsplit(".", 1)[-1]
-    return not (leaf in NEVER_PERTURBED or ".weight_quant" in name or ".weight_quants" in name)
+    *modules, leaf = name.split(".")
+    return leaf not in NEVER_PERTURBED and not any(part in WEIGHT_QUANTIZERS for part in modules)
 
 
 class Perturbation:
