@@ -4,7 +4,7 @@
 torch optimizer and schedule for the global batch, wraps the model in a DeepSpeed engine
 (:mod:`framework.dist.engine`), takes each step through :class:`EngineTwoPass` (plain steps when
 there is no sharpness rule), and runs the shared epoch loop with checkpoints every rank writes
-(:mod:`framework.dist.checkpoint`). One process is the world-size-1 case of the same code.
+(:mod:`framework.train.deepspeed_checkpoint`). One process is the world-size-1 case of the same code.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from framework.data import build_loader
-from framework.dist.checkpoint import EngineCheckpointWriter, restore_engine
 from framework.dist.engine import BatchGeometry, batch_geometry, build_engine
 from framework.dist.ranks import Ranks
 from framework.errors import MPQError
 from framework.sharpness import EngineTwoPass, build_rule
 from framework.train.checkpoint import Checkpoint, load_model_state
+from framework.train.deepspeed_checkpoint import EngineCheckpointWriter, restore_engine
 from framework.train.engine import FitResult, fit, schedule_length
 from framework.train.optim import build_optimizer, build_scheduler
 
