@@ -97,7 +97,7 @@ class TwoPassOptimizer:
         `before_update()` runs after the update direction is in `.grad` and before the base step:
         the search adds the complexity gradient of the logits there, outside the two passes.
         """
-        two_pass = self.cadence.two_pass_now()
+        two_pass = self.is_two_pass_step()
         self.cadence.step_count += 1
         self.perturbation.keep_quantized_weights(two_pass)
         self.zero_grad()
@@ -178,10 +178,6 @@ class EngineTwoPass:
         self._losses: list[tuple[float, float]] = []
 
     @property
-    def perturbed(self) -> list[tuple[str, nn.Parameter]]:
-        return self.perturbation.perturbed
-
-    @property
     def step_count(self) -> int:
         return self.cadence.step_count
 
@@ -203,7 +199,7 @@ class EngineTwoPass:
     def micro_step(self, forward: Callable[[nn.Module], torch.Tensor]) -> dict[str, float]:
         """One micro-batch; the engine steps the optimizer at the accumulation boundary."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        two_pass = self.cadence.two_pass_now()
+        two_pass = self.is_two_pass_step()
         info: dict[str, float]
         if not two_pass:
             loss = forward(self.engine)
