@@ -27,7 +27,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def should_spawn(cfg) -> bool:
     """True when this process must start `dist.nproc` workers (it is not one of them already)."""
-    return int(cfg.dist.get("nproc", 1) or 1) > 1 and not launched_ranks()
+    return int(cfg.dist.nproc or 1) > 1 and not launched_ranks()
 
 
 def worker_args(stage: str, overrides: list[str], run_dir: Path) -> list[str]:

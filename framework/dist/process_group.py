@@ -98,11 +98,3 @@ def all_reduce_mean(values: list[float], device: torch.device | None = None) -> 
     n = world_size()
     return [v / n for v in all_reduce_sum(values, device)]
 
-
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s Python object on every rank."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]

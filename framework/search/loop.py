@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -34,7 +33,6 @@ from framework.quant import (
     SearchConv2d,
     SearchLinear,
     build_supernet,
-    complexity_penalty,
     expected_bitops,
     fixed_bits_of,
     fixed_layer_names,
@@ -42,20 +40,15 @@ from framework.quant import (
     trace_layers,
 )
 from framework.results import Result, write_result
-from framework.search.objectives import CenterMarginLoss, PenultimateFeatures
-from framework.sharpness import TwoPassOptimizer, build_rule
+from framework.search.step import SearchStep
 from framework.stage import load_full_precision_checkpoint, start_stage
 from framework.track import open_tracker
 from framework.track.figures import plot_bit_probabilities
 from framework.train.checkpoint import load_model_state
-from framework.train.engine import fit, schedule_length
-from framework.train.optim import cosine_with_warmup
+from framework.train.engine import Callbacks, FitPlan, Loaders, fit, schedule_length
 from framework.train.resume import resume_checkpoint
 
 log = logging.getLogger(__name__)
-
-LOGITS = ("alpha_w", "alpha_a")
-
 
 def _fresh_head(model: nn.Module, num_classes: int) -> None:
     """Replace the last linear layer by a freshly initialised one with `num_classes` outputs."""
@@ -78,98 +71,6 @@ def budget_bitops(scfg, layers, fixed, fixed_bits) -> float | None:
         uniform = uniform_bits(layers, int(bits), int(bits), fixed, fixed_bits)
         return float(sum(layer.macs * uniform[layer.name][0] * uniform[layer.name][1] for layer in layers))
     return None
-
-
-class SearchStep:
-    """One search step on a proxy batch: the task loss through the method's two-pass optimizer
-    (weights and logits together), the complexity gradient added to the logits outside the two
-    passes, then the weights' cosine schedule. Call it as `step(images, labels)`.
-    """
-
-    def __init__(self, model: nn.Module, scfg, num_classes: int, penalty_mode: str, reference: float, device):
-        self.model = model
-        self.lambda_c = float(scfg.complexity.weight)
-        self.penalty_mode, self.reference = penalty_mode, float(reference)
-        self.logits = [p for n, p in model.named_parameters() if n.endswith(LOGITS)]
-        weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
-        self.opt_w = torch.optim.SGD(weights, lr=float(scfg.lr_weights), momentum=float(scfg.momentum),
-                                     weight_decay=float(scfg.weight_decay))
-        self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
-                                     weight_decay=float(scfg.get("logit_weight_decay", 0.0)))
-        self.scheduler = None
-        sharp = scfg.sharpness
-        try:
-            self.rule = build_rule(sharp) if str(sharp.get("name", "none")) != "none" else None
-        except ValueError as err:
-            raise MPQError(f"search.sharpness: {err}") from None
-        self.two_pass = TwoPassOptimizer(model, [self.opt_w, self.opt_a], self.rule, period=int(sharp.get("period", 1) or 1))
-        self.margin_weight = float(scfg.margin.weight)
-        self.features = PenultimateFeatures(model) if self.margin_weight > 0 else None
-        self.margin_loss = None
-        if self.features is not None:
-            dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
-            self.margin_loss = CenterMarginLoss(num_classes, dim, float(scfg.margin.margin), float(scfg.margin.momentum)).to(device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.last_terms: dict[str, float] = {}
-
-    def schedule(self, total_steps: int) -> None:
-        """Cosine decay of the weights' learning rate over `total_steps` (the logits keep theirs)."""
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_w, lambda s: cosine_with_warmup(s, total_steps, 0, 0.0))
-
-    def _add_complexity_gradient(self) -> None:
-        expected = expected_bitops(self.model)
-        penalty = self.lambda_c * complexity_penalty(expected, self.penalty_mode, self.reference)
-        if penalty.requires_grad:
-            grads = torch.autograd.grad(penalty, self.logits, allow_unused=True)
-            for p, g in zip(self.logits, grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-        self.last_terms["complexity"] = float(penalty.detach())
-        self.last_terms["expected_gbitops"] = float(expected.detach()) / 1e9
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        outputs: list[torch.Tensor] = []
-
-        def closure() -> torch.Tensor:
-            first_pass = not outputs
-            out = self.model(images)
-            outputs.append(out.detach())
-            loss = self.criterion(out, labels)
-            if first_pass:  # the terms at theta, not at the perturbed point
-                self.last_terms["ce"] = float(loss.detach())
-            if self.margin_loss is not None:
-                self.margin_loss.train(first_pass)  # class centres move once per step, like BN statistics
-                margin = self.margin_loss(self.features.features, labels)
-                if first_pass:
-                    self.last_terms["margin"] = float(margin.detach())
-                loss = loss + self.margin_weight * margin
-            loss.backward()
-            return loss
-
-        info = self.two_pass.step(closure, before_update=self._add_complexity_gradient)
-        if self.scheduler is not None:
-            self.scheduler.step()
-        if self.rule is not None and "rho" in info:
-            info["gap"] = getattr(self.rule, "last_gap", info.get("loss_perturbed", 0.0) - info["loss"])
-        return torch.tensor(info["loss"]), outputs[0], {**info, **self.last_terms}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict(),
-                "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt_w.load_state_dict(state["optimizer_w"])
-        self.opt_a.load_state_dict(state["optimizer_a"])
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.two_pass.load_state_dict(state["two_pass"])
-        if self.margin_loss is not None and state.get("margin"):
-            self.margin_loss.load_state_dict(state["margin"])
-
-    def close(self) -> None:
-        if self.features is not None:
-            self.features.remove()
 
 
 def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
@@ -261,10 +162,10 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     started = time.time()
     try:
         fitted = fit(
-            model, train_loader, val_loader, searcher, device, total_steps, tracker, run_dir / "checkpoints", meta,
-            val_every=1, val_subset="proxy", on_epoch_end=on_epoch_end,
-            training_state=searcher.state_dict, checkpoint_every=int(cfg.get("checkpoint_every") or 0),
-            resume=resume.training_state if resume is not None else None,
+            model, Loaders(train_loader, val_loader), searcher,
+            FitPlan(total_steps, device, run_dir / "checkpoints", meta, tracker=tracker, val_every=1, val_subset="proxy",
+                    checkpoint_every=int(cfg.checkpoint_every or 0)),
+            hooks=[Callbacks(on_epoch_end=on_epoch_end)], resume=resume.training_state if resume is not None else None,
         )
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}

@@ -113,7 +113,7 @@ RULES = {"sam": SAM, "asam": ASAM, "asga": ASGA, "saq": SAM}
 
 def build_rule(cfg) -> SAM:
     """A rule from a config node: `name` (sam | asam | asga | saq) and its hyperparameters."""
-    name = str(cfg.get("name", "sam")).lower()
+    name = str(cfg.name).lower()
     if name not in RULES:
         raise ValueError(f"unknown sharpness rule '{name}'; choose one of {sorted(RULES)}")
     if name == "asga":

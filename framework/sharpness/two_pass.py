@@ -1,75 +1,89 @@
-"""One two-pass mechanism for every sharpness rule (SAM, ASAM, SAQ cases 1-3, ASGA).
+"""One two-pass mechanism for every sharpness rule (SAM, ASAM, SAQ cases 1-3, ASGA), on plain torch
+optimizers (:class:`TwoPassOptimizer`) or on a DeepSpeed engine (:class:`EngineTwoPass`)::
 
-    pass 1:  loss = L(theta), gradients g                       (closure)
+    pass 1:  loss = L(theta), gradients g
     perturb: theta + eps  (eps from the rule; where it is added depends on the SAQ case)
-    pass 2:  loss_p = L(theta + eps), gradients g_p             (closure again; BN statistics frozen)
+    pass 2:  loss_p = L(theta + eps), gradients g_p             (BN statistics frozen)
     restore: theta
-    update:  grad <- rule.direction(g, g_p); base optimizer(s) step
+    update:  grad <- rule.direction(g, g_p); base optimizer step
 
-Which tensors are perturbed: every trainable parameter except the search logits (`alpha_w`,
-`alpha_a`) and weight-quantizer step sizes, i.e. conv/linear weights, biases, batch-norm affine
-parameters and activation clip values (SAQ's defaults). Parameters that are not perturbed (the
-logits) still take the rule's direction from their two gradients.
-
-SAQ placement for the weights of fixed-precision layers (`saq_case`):
-1. `L(Q(w) + eps(w))`: eps from the gradient of the latent weights, added after quantization;
-2. `L(Q(w + eps(w)))`: added to the latent weights before quantization (a small eps rounds away);
-3. `L(Q(w) + eps(Q(w)))`: eps from the gradient w.r.t. the quantized weights (kept from pass 1),
-   added after quantization. Searchable layers always use case 2.
+Both hold one :class:`~framework.sharpness.perturbation.Perturbation`, which decides which tensors
+move and how (see that module); they differ only in how gradients are taken and the update applied.
 
 `period=k` runs the full two-pass step every k-th step and a plain step (one pass) in between;
-`rule=None` makes every step a plain step, so one training loop serves every optimizer.
+`rule=None` makes every step a plain step, so one training loop serves every optimizer. The state
+(`state_dict`) is the step count and the rule's state (ASGA's radius and gap EMA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
-from framework.quant.layers import QUANT_LAYERS
+from framework.sharpness.perturbation import Perturbation
 from framework.sharpness.rules import SAM
 
-NEVER_PERTURBED = ("alpha_w", "alpha_a")
 
+@dataclass
+class Cadence:
+    """Two passes every `period`-th step (plain steps between; none without a rule), and the state
+    a checkpoint keeps: the step count and the rule's state."""
 
-def _excluded(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in NEVER_PERTURBED or ".weight_quant" in name or ".weight_quants" in name
+    rule: SAM | None
+    period: int = 1
+    step_count: int = 0
+
+    def __post_init__(self) -> None:
+        self.period = max(1, int(self.period))
+
+    def two_pass_now(self) -> bool:
+        return self.rule is not None and self.step_count % self.period == 0
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "rule": self.rule.state() if self.rule is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        if self.rule is not None:
+            self.rule.load_state(state["rule"])
 
 
 class TwoPassOptimizer:
     """Wraps one or more torch optimizers; `step(closure)` runs the two passes and the update."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizers: Iterable[torch.optim.Optimizer],
-        rule: SAM | None,
-        period: int = 1,
-        saq_case: int | None = None,
-    ):
-        self.model = model
+    def __init__(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], rule: SAM | None,
+                 period: int = 1, saq_case: int | None = None):
+        self.model, self.rule, self.saq_case = model, rule, saq_case
         self.optimizers = list(optimizers)
-        self.rule = rule
-        self.period = max(1, int(period))
-        self.saq_case = saq_case
-        if saq_case not in (None, 1, 2, 3):
-            raise ValueError(f"SAQ case must be 1, 2 or 3, not {saq_case}")
-        self.step_count = 0
-        named = dict(model.named_parameters())
-        self.perturbed: list[tuple[str, nn.Parameter]] = [
-            (name, p) for name, p in named.items() if p.requires_grad and not _excluded(name)
-        ]
-        self.post_quant_layers: dict[str, nn.Module] = {}
-        if saq_case in (1, 3):
-            for name, module in model.named_modules():
-                if isinstance(module, QUANT_LAYERS) and module.w_bits < 32:
-                    self.post_quant_layers[f"{name}.weight" if name else "weight"] = module
-        self.batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.perturbation = Perturbation(model, rule, saq_case)
+        self.cadence = Cadence(rule, period)
 
-    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def perturbed(self) -> list[tuple[str, nn.Parameter]]:
+        """The `(name, parameter)` pairs the second pass perturbs (assign a subset to narrow it)."""
+        return self.perturbation.perturbed
+
+    @perturbed.setter
+    def perturbed(self, pairs: list[tuple[str, nn.Parameter]]) -> None:
+        self.perturbation.perturbed = list(pairs)
+
+    @property
+    def step_count(self) -> int:
+        return self.cadence.step_count
+
+    def is_two_pass_step(self) -> bool:
+        return self.cadence.two_pass_now()
+
+    def state_dict(self) -> dict:
+        return self.cadence.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cadence.load_state_dict(state)
+
     def _all_params(self) -> list[torch.Tensor]:
         return [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
 
@@ -77,34 +91,15 @@ class TwoPassOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def _freeze_bn_stats(self, frozen: bool) -> None:
-        """Pass 2 must not count as a batch for batch-norm running statistics."""
-        for bn in self.batchnorms:
-            if frozen:
-                bn._saved_stats = (bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone())  # type: ignore[attr-defined]
-                bn.momentum = 0.0
-            else:
-                momentum, tracked = bn._saved_stats  # type: ignore[attr-defined]
-                bn.momentum = momentum
-                if tracked is not None:
-                    bn.num_batches_tracked.copy_(tracked)
-
-    def is_two_pass_step(self) -> bool:
-        return self.rule is not None and self.step_count % self.period == 0
-
-    # -- the step ------------------------------------------------------------------------------
-    def step(
-        self, closure: Callable[[], torch.Tensor], before_update: Callable[[], None] | None = None
-    ) -> dict[str, float]:
+    def step(self, closure: Callable[[], torch.Tensor], before_update: Callable[[], None] | None = None) -> dict[str, float]:
         """One optimizer step; `closure()` computes the loss, calls backward and returns the loss.
 
         `before_update()` runs after the update direction is in `.grad` and before the base step:
         the search adds the complexity gradient of the logits there, outside the two passes.
         """
         two_pass = self.is_two_pass_step()
-        self.step_count += 1
-        for layer in self.post_quant_layers.values():
-            layer.keep_quantized_weight = two_pass and self.saq_case == 3
+        self.cadence.step_count += 1
+        self.perturbation.keep_quantized_weights(two_pass)
         self.zero_grad()
         loss = closure()
         info = {"loss": float(loss.detach())}
@@ -117,23 +112,12 @@ class TwoPassOptimizer:
 
         params = self._all_params()
         first = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in params}
-        quantized_grads = {
-            name: layer.quantized_weight.grad.detach()
-            for name, layer in self.post_quant_layers.items()
-            if layer.quantized_weight is not None and layer.quantized_weight.grad is not None
-        }
-        targets, saved = self._perturb(first, quantized_grads)
-
-        self.zero_grad()
-        self._freeze_bn_stats(True)
-        try:
+        with self.perturbation.applied(first, self.perturbation.quantized_grads()):
+            self.zero_grad()
             loss_p = closure()
-        finally:
-            self._freeze_bn_stats(False)
-            self._restore(targets, saved)
         with torch.no_grad():
             for p in params:
-                direction = self._direction(first.get(p), p.grad, p)
+                direction = self.perturbation.direction(first.get(p), p.grad, p)
                 if direction is not None:
                     p.grad = direction
         self.rule.after_step(info["loss"], float(loss_p.detach()))
@@ -144,62 +128,20 @@ class TwoPassOptimizer:
         info.update(loss_perturbed=float(loss_p.detach()), **self.rule.state())
         return info
 
-    # -- the pieces both step implementations share ----------------------------------------------
-    def _perturb(self, first: dict, quantized_grads: dict[str, torch.Tensor]) -> tuple[list, dict]:
-        """Add the rule's perturbation (from the first-pass gradients) where the SAQ case places it.
 
-        Returns what :meth:`_restore` needs. `quantized_grads` maps a post-quantization layer's weight
-        name to the gradient w.r.t. its quantized weight (SAQ case 3's source).
-        """
-        sources, targets = [], []
-        for name, p in self.perturbed:
-            if first.get(p) is None:
-                continue
-            layer = self.post_quant_layers.get(name)
-            source = quantized_grads.get(name) if layer is not None and self.saq_case == 3 else None
-            sources.append(first[p] if source is None else source)
-            targets.append((name, p, layer))
-        eps = self.rule.perturbation(sources, [p for _, p, _ in targets])
-        saved = {}
-        with torch.no_grad():
-            for (_, p, layer), e in zip(targets, eps, strict=True):
-                if layer is not None:
-                    layer.weight_eps = e  # after quantization (SAQ cases 1 and 3)
-                else:
-                    saved[p] = p.detach().clone()  # restored by copy: theta + eps - eps is not theta in floats
-                    p.add_(e)
-        for layer in self.post_quant_layers.values():
-            layer.keep_quantized_weight = False
-            layer.quantized_weight = None
-        return targets, saved
-
-    @staticmethod
-    def _restore(targets: list, saved: dict) -> None:
-        with torch.no_grad():
-            for _, p, layer in targets:
-                if layer is not None:
-                    layer.weight_eps = None
-                else:
-                    p.copy_(saved[p])
-
-    def _direction(self, g: torch.Tensor | None, g_p: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
-        """The rule's update direction from the two passes' gradients (None if neither exists)."""
-        if g is None and g_p is None:
-            return None
-        g = torch.zeros_like(p) if g is None else g
-        g_p = torch.zeros_like(p) if g_p is None else g_p
-        return self.rule.direction(g, g_p)
-
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "rule": self.rule.state() if self.rule is not None else {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        if self.rule is not None:
-            self.rule.load_state(state["rule"])
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """Each float averaged over the ranks of the default process group (unchanged for one process)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    nccl = torch_dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(tensor)
+    n = torch_dist.get_world_size()
+    return [v / n for v in tensor.tolist()]
 
 
-class EngineTwoPass(TwoPassOptimizer):
+class EngineTwoPass:
     """The two-pass step on a DeepSpeed engine, under data parallelism (any ZeRO stage 0-2).
 
     Per micro-batch on each rank:
@@ -228,16 +170,29 @@ class EngineTwoPass(TwoPassOptimizer):
     """
 
     def __init__(self, engine, model: nn.Module, rule: SAM | None, period: int = 1, saq_case: int | None = None):
-        super().__init__(model, [], rule, period=period, saq_case=saq_case)
+        self.model, self.rule, self.saq_case = model, rule, saq_case
+        self.perturbation = Perturbation(model, rule, saq_case)
+        self.cadence = Cadence(rule, period)
         self.engine = engine
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._losses: list[tuple[float, float]] = []
 
-    def _reduce_losses(self) -> tuple[float, float]:
-        from framework.dist.process_group import all_reduce_mean
+    @property
+    def step_count(self) -> int:
+        return self.cadence.step_count
 
+    def is_two_pass_step(self) -> bool:
+        return self.cadence.two_pass_now()
+
+    def state_dict(self) -> dict:
+        return self.cadence.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cadence.load_state_dict(state)
+
+    def _reduce_losses(self) -> tuple[float, float]:
         n = len(self._losses)
-        loss, loss_p = all_reduce_mean([sum(a for a, _ in self._losses) / n, sum(b for _, b in self._losses) / n])
+        loss, loss_p = mean_over_ranks([sum(a for a, _ in self._losses) / n, sum(b for _, b in self._losses) / n])
         self._losses.clear()
         return loss, loss_p
 
@@ -254,7 +209,7 @@ class EngineTwoPass(TwoPassOptimizer):
             info = self._two_pass(forward)
         self.engine.step()
         if boundary:
-            self.step_count += 1
+            self.cadence.step_count += 1
             if two_pass:
                 loss, loss_p = self._reduce_losses()
                 self.rule.after_step(loss, loss_p)
@@ -262,24 +217,18 @@ class EngineTwoPass(TwoPassOptimizer):
         return info
 
     def _two_pass(self, forward: Callable[[nn.Module], torch.Tensor]) -> dict[str, float]:
-        for layer in self.post_quant_layers.values():
-            layer.keep_quantized_weight = self.saq_case == 3
+        perturbation = self.perturbation
+        perturbation.keep_quantized_weights(True)
         loss = forward(self.engine.module)
-        kept = [(name, layer.quantized_weight) for name, layer in self.post_quant_layers.items()
-                if layer.quantized_weight is not None and layer.quantized_weight.requires_grad]
+        kept = perturbation.kept_quantized_weights()
         grads = torch.autograd.grad(loss, self.params + [q for _, q in kept], allow_unused=True)
         first = dict(zip(self.params, grads[: len(self.params)], strict=True))
         quantized = {name: g for (name, _), g in zip(kept, grads[len(self.params):], strict=True) if g is not None}
-        targets, saved = self._perturb(first, quantized)
-        self._freeze_bn_stats(True)
-        try:
+        with perturbation.applied(first, quantized):
             loss_p = forward(self.engine.module)
             second = torch.autograd.grad(loss_p, self.params, allow_unused=True)
-        finally:
-            self._freeze_bn_stats(False)
-            self._restore(targets, saved)
         with torch.no_grad():
-            directions = [self._direction(first[p], g_p, p) for p, g_p in zip(self.params, second, strict=True)]
+            directions = [perturbation.direction(first[p], g_p, p) for p, g_p in zip(self.params, second, strict=True)]
         surrogate = sum((p * d).sum() for p, d in zip(self.params, directions, strict=True) if d is not None)
         self.engine.backward(surrogate)
         self._losses.append((float(loss.detach()), float(loss_p.detach())))

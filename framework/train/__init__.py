@@ -1,1 +1,2 @@
-"""The training engine: optimizers and schedules, the train/eval loops, checkpoints."""
+"""The training engine: one step (:mod:`~framework.train.step`), the epoch loop every stage shares
+(:func:`framework.train.engine.fit`), optimizers and schedules, checkpoints and exact resumes."""

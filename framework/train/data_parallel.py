@@ -2,9 +2,10 @@
 
 `train_on_target` shards the data over the ranks (:mod:`framework.data.loaders`), builds the
 torch optimizer and schedule for the global batch, wraps the model in a DeepSpeed engine
-(:mod:`framework.dist.engine`), takes each step through :class:`EngineTwoPass` (plain steps when
-there is no sharpness rule), and runs the shared epoch loop with checkpoints every rank writes
-(:mod:`framework.dist.checkpoint`). One process is the world-size-1 case of the same code.
+(:mod:`framework.dist.engine`), takes each step through :class:`~framework.train.step.TargetStep`
+(the two passes of the sharpness rule; plain steps without one), and runs the shared epoch loop
+(:func:`framework.train.engine.fit`) with checkpoints every rank writes
+(:mod:`framework.train.deepspeed_checkpoint`). One process is the world-size-1 case of the same code.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from framework.data import build_loader
-from framework.dist.checkpoint import EngineCheckpointWriter, restore_engine
 from framework.dist.engine import BatchGeometry, batch_geometry, build_engine
 from framework.dist.ranks import Ranks
 from framework.errors import MPQError
-from framework.sharpness import EngineTwoPass, build_rule
+from framework.sharpness import build_rule
 from framework.train.checkpoint import Checkpoint, load_model_state
-from framework.train.engine import FitResult, fit, schedule_length
+from framework.train.deepspeed_checkpoint import EngineCheckpointWriter, restore_engine
+from framework.train.engine import FitPlan, FitResult, Hook, Loaders, fit, schedule_length
 from framework.train.optim import build_optimizer, build_scheduler
+from framework.train.step import TargetStep
 
 log = logging.getLogger(__name__)
 
@@ -39,39 +41,25 @@ class TargetTraining:
 
 
 def _rule(sharpness: Any):
-    if sharpness is None or str(sharpness.get("name", "none")) == "none":
+    """(rule or None, SAQ case or None, period) of a `finetune.sharpness` node (None: pretrain)."""
+    if sharpness is None or str(sharpness.name) == "none":
         return None, None, 1
-    saq_case = int(sharpness.get("saq_case", 3)) if str(sharpness.get("name")) == "saq" else None
+    saq_case = int(sharpness.saq_case) if str(sharpness.name) == "saq" else None
     try:
-        return build_rule(sharpness), saq_case, int(sharpness.get("period", 1) or 1)
+        return build_rule(sharpness), saq_case, int(sharpness.period or 1)
     except ValueError as err:
         raise MPQError(f"finetune.sharpness: {err}") from None
 
 
-def _step_function(engine, two_pass: EngineTwoPass, geometry: BatchGeometry):
-    """(images, labels) of one rank's optimizer step -> its `accumulation` micro-steps."""
-    criterion = nn.CrossEntropyLoss()
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+class TrackLearningRate(Hook):
+    """Tracks the learning rate of the optimizer's first group every `every` steps (train context)."""
 
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        losses, outputs, info = [], [], {}
-        for x, y in zip(images.split(geometry.micro_batch), labels.split(geometry.micro_batch), strict=True):
-            x = x.to(dtype) if dtype is not None else x
-            kept: list[torch.Tensor] = []
+    def __init__(self, tracker, optimizer: torch.optim.Optimizer, every: int = 10):
+        self.tracker, self.optimizer, self.every = tracker, optimizer, every
 
-            def forward(net, x=x, y=y, kept=kept):
-                out = net(x)
-                if not kept:
-                    kept.append(out.detach().float())
-                return criterion(out.float(), y)
-
-            info = two_pass.micro_step(forward)
-            losses.append(info["loss"])
-            outputs.append(kept[0])
-        info = {k: v for k, v in info.items() if k != "loss"}
-        return torch.tensor(sum(losses) / len(losses)), torch.cat(outputs), info
-
-    return step
+    def on_step(self, step: int, loss: float, top1: float, info: dict) -> None:
+        if step % self.every == 0:
+            self.tracker.track("lr", self.optimizer.param_groups[0]["lr"], step=step, subset="train")
 
 
 def train_on_target(
@@ -92,7 +80,7 @@ def train_on_target(
     if len(train_loader) == 0:
         raise MPQError(f"the training set has {len(train_set)} samples, fewer than one global batch of "
                        f"{geometry.global_batch}; raise data.fraction or lower {batch_key}")
-    total_steps = schedule_length(train_loader, int(train_cfg.epochs), train_cfg.get("max_steps"))
+    total_steps = schedule_length(train_loader, int(train_cfg.epochs), train_cfg.max_steps)
     rule, saq_case, period = _rule(sharpness)
     if resume is not None:
         load_model_state(model, resume)
@@ -100,27 +88,19 @@ def train_on_target(
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.optim)
     engine = build_engine(model, optimizer, scheduler, geometry, cfg.dist, device, two_pass=rule is not None)
     try:
-        two_pass = EngineTwoPass(engine, model, rule, period=period, saq_case=saq_case)
+        step = TargetStep(engine, model, rule, geometry.micro_batch, period=period, saq_case=saq_case)
     except ValueError as err:
         raise MPQError(f"finetune.sharpness: {err}") from None
     state = None
     if resume is not None:
         state = restore_engine(engine, resume, ranks)
-        if "two_pass" in state:
-            two_pass.load_state_dict(state["two_pass"])
+        step.load_state_dict(state)
     log.info("%d steps of global batch %d (micro-batch %d x accumulation %d x %d process(es)), ZeRO %d",
              total_steps, geometry.global_batch, geometry.micro_batch, geometry.accumulation, ranks.world_size,
-             int(cfg.dist.get("zero_stage", 0)))
-
-    def on_step(step: int, loss: float, acc: float, info: dict) -> None:
-        if step % 10 == 0:
-            tracker.track("lr", optimizer.param_groups[0]["lr"], step=step, subset="train")
-
-    fitted = fit(
-        model, train_loader, test_loader, _step_function(engine, two_pass, geometry), device, total_steps, tracker,
-        run_dir / "checkpoints", {**meta, "world_size": ranks.world_size}, val_every=int(train_cfg.get("val_every", 1)),
-        checkpoint_every=int(cfg.get("checkpoint_every") or 0), resume=state,
-        training_state=lambda: {"two_pass": two_pass.state_dict()}, on_step=on_step,
-        saver=EngineCheckpointWriter(engine, model, ranks),
-    )
+             int(cfg.dist.zero_stage))
+    plan = FitPlan(total_steps, device, run_dir / "checkpoints", {**meta, "world_size": ranks.world_size},
+                   tracker=tracker, val_every=int(train_cfg.val_every), checkpoint_every=int(cfg.checkpoint_every or 0),
+                   saver=EngineCheckpointWriter(engine, model, ranks))
+    fitted = fit(model, Loaders(train_loader, test_loader), step, plan, hooks=[TrackLearningRate(tracker, optimizer)],
+                 resume=state)
     return TargetTraining(fitted, geometry, total_steps)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from framework.dist.process_group import all_reduce_sum, rank
+from framework.train.step import TrainingStep
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -29,36 +29,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
-
-
-def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> StepFn:
-    """One cross-entropy step: forward, backward, optimizer, scheduler."""
-    criterion = nn.CrossEntropyLoss()
-
-    def step(images: torch.Tensor, labels: torch.Tensor):
-        logits = model(images)
-        loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return loss.detach(), logits.detach(), {}
-
-    return step
-
-
 def train_steps(
     model: nn.Module,
     loader: DataLoader,
-    step_fn: StepFn,
+    step: TrainingStep,
     device: torch.device,
     max_steps: int,
     on_step: Callable[[int, float, float, dict], None] | None = None,
     desc: str = "train",
 ) -> dict[str, float]:
-    """Run at most `max_steps` steps of `step_fn(images, labels) -> (loss, logits, info)` over one
-    pass of `loader`, with a progress bar.
+    """Run at most `max_steps` steps of `step((images, labels)) -> StepOutput` over one pass of
+    `loader`, with a progress bar.
 
     Returns the mean loss and top-1 over the steps taken and their count; `on_step(i, loss, acc,
     info)` is called after each step (for tracking).
@@ -71,7 +52,8 @@ def train_steps(
         if steps >= max_steps:
             break
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss, logits, info = step_fn(images, labels)
+        out = step((images, labels))
+        loss, logits, info = out.loss, out.logits, out.info
         steps += 1
         batch_loss = float(loss)
         batch_acc = (logits.argmax(1) == labels).float().mean().item()

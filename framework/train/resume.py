@@ -86,7 +86,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def resume_checkpoint(cfg, run_dir: Path) -> Checkpoint | None:
     """With `resume=true`, the run directory's `checkpoints/last` if it holds a training state."""
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return None
     last = Path(run_dir) / "checkpoints" / "last"
     if not (last / "training.pt").exists():

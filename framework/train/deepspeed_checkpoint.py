@@ -6,6 +6,9 @@ checkpoint, where each rank writes its ZeRO partition of the optimizer state, pl
 `rng-rank<r>.pt` with each rank's RNG states. All ranks assemble it in one staging folder named
 after the step; after a barrier, rank 0 writes the portable files and renames the folder into
 place, so a killed run leaves the previous checkpoint intact.
+
+It lives in `framework.train` (not `framework.dist`) because it writes the training checkpoint format
+of :mod:`framework.train.checkpoint`; `framework.dist` stays below `framework.train` and imports none of it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,122 @@
+"""One step of the proxy search (`mpq search`), as a :class:`~framework.train.step.TrainingStep`.
+
+Weights and logits are trained together on the same proxy batch (single-level, as EdMIPS/GMPQ)::
+
+    L_task   = CE(f(x), y) [+ lambda_m * margin(features, y)]    (SEAM's large-margin term)
+    grad     = the update direction of L_task for weights and logits: the method's two-pass rule
+               (ASGA for asga/seam_asga), the plain gradient without one (dnas/seam)
+    grad_a  += lambda_c * d penalty(E[BitOps]) / d alpha          (the logits, outside the two passes)
+    SGD step of the weights and of the logits, then the weights' cosine schedule
+
+The recorded terms (`ce`, `margin`, `complexity`, `expected_gbitops`) are those at the unperturbed
+weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from framework.errors import MPQError
+from framework.quant import complexity_penalty, expected_bitops
+from framework.search.objectives import CenterMarginLoss, PenultimateFeatures
+from framework.sharpness import TwoPassOptimizer, build_rule
+from framework.train.optim import cosine_with_warmup
+from framework.train.step import Batch, StepOutput
+
+LOGITS = ("alpha_w", "alpha_a")
+
+
+class SearchStep:
+    """One search step on a proxy batch: the task loss through the method's two-pass optimizer
+    (weights and logits together), the complexity gradient added to the logits outside the two
+    passes, then the weights' cosine schedule. Call it as `step((images, labels))`.
+    """
+
+    def __init__(self, model: nn.Module, scfg, num_classes: int, penalty_mode: str, reference: float, device):
+        self.model = model
+        self.lambda_c = float(scfg.complexity.weight)
+        self.penalty_mode, self.reference = penalty_mode, float(reference)
+        self.logits = [p for n, p in model.named_parameters() if n.endswith(LOGITS)]
+        weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
+        self.opt_w = torch.optim.SGD(weights, lr=float(scfg.lr_weights), momentum=float(scfg.momentum),
+                                     weight_decay=float(scfg.weight_decay))
+        self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
+                                     weight_decay=float(scfg.logit_weight_decay))
+        self.scheduler = None
+        sharp = scfg.sharpness
+        try:
+            self.rule = build_rule(sharp) if str(sharp.name) != "none" else None
+        except ValueError as err:
+            raise MPQError(f"search.sharpness: {err}") from None
+        self.two_pass = TwoPassOptimizer(model, [self.opt_w, self.opt_a], self.rule, period=int(sharp.period or 1))
+        self.margin_weight = float(scfg.margin.weight)
+        self.features = PenultimateFeatures(model) if self.margin_weight > 0 else None
+        self.margin_loss = None
+        if self.features is not None:
+            dim = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
+            self.margin_loss = CenterMarginLoss(num_classes, dim, float(scfg.margin.margin), float(scfg.margin.momentum)).to(device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.last_terms: dict[str, float] = {}
+
+    def schedule(self, total_steps: int) -> None:
+        """Cosine decay of the weights' learning rate over `total_steps` (the logits keep theirs)."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_w, lambda s: cosine_with_warmup(s, total_steps, 0, 0.0))
+
+    def _add_complexity_gradient(self) -> None:
+        expected = expected_bitops(self.model)
+        penalty = self.lambda_c * complexity_penalty(expected, self.penalty_mode, self.reference)
+        if penalty.requires_grad:
+            grads = torch.autograd.grad(penalty, self.logits, allow_unused=True)
+            for p, g in zip(self.logits, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        self.last_terms["complexity"] = float(penalty.detach())
+        self.last_terms["expected_gbitops"] = float(expected.detach()) / 1e9
+
+    def __call__(self, batch: Batch) -> StepOutput:
+        images, labels = batch
+        outputs: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            first_pass = not outputs
+            out = self.model(images)
+            outputs.append(out.detach())
+            loss = self.criterion(out, labels)
+            if first_pass:  # the terms at theta, not at the perturbed point
+                self.last_terms["ce"] = float(loss.detach())
+            if self.margin_loss is not None:
+                self.margin_loss.train(first_pass)  # class centres move once per step, like BN statistics
+                margin = self.margin_loss(self.features.features, labels)
+                if first_pass:
+                    self.last_terms["margin"] = float(margin.detach())
+                loss = loss + self.margin_weight * margin
+            loss.backward()
+            return loss
+
+        info = self.two_pass.step(closure, before_update=self._add_complexity_gradient)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.rule is not None and "rho" in info:
+            info["gap"] = getattr(self.rule, "last_gap", info.get("loss_perturbed", 0.0) - info["loss"])
+        return StepOutput(torch.tensor(info["loss"]), outputs[0], {**info, **self.last_terms})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict(),
+                "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_w.load_state_dict(state["optimizer_w"])
+        self.opt_a.load_state_dict(state["optimizer_a"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.two_pass.load_state_dict(state["two_pass"])
+        if self.margin_loss is not None and state.get("margin"):
+            self.margin_loss.load_state_dict(state["margin"])
+
+    def close(self) -> None:
+        if self.features is not None:
+            self.features.remove()
