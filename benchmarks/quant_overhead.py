@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from framework.models import create_model
+from framework.paths import CONF_DIR
 from framework.quant import build_supernet, fixed_layer_names, quantize_model, trace_layers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,14 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
+def quant_config(name: str):
+    """The `quant` group `name` as `mpq` composes it (conf/quant/<name>.yaml builds on another file)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"quant={name}", "stage=cost"]).quant
+
+
 def build_variants() -> tuple[list[Variant], dict[str, tuple[int, int]]]:
     """The three models under test (each in train mode) and the fixed variant's policy."""
     fp = float_model()
@@ -125,10 +133,10 @@ def build_variants() -> tuple[list[Variant], dict[str, tuple[int, int]]]:
     fixed_model = float_model()
     layers = trace_layers(fixed_model, INPUT_SIZE, IN_CHANNELS)  # trace the float model, before converting
     policy = mixed_policy([layer.name for layer in layers], fixed_layer_names(layers, FIXED_BITS))
-    quantize_model(fixed_model, policy, OmegaConf.load(REPO_ROOT / "conf/quant/lsq.yaml"), layers)
+    quantize_model(fixed_model, policy, quant_config("lsq"), layers)
 
     supernet = float_model()
-    minmax = OmegaConf.load(REPO_ROOT / "conf/quant/minmax.yaml")
+    minmax = quant_config("minmax")
     build_supernet(supernet, trace_layers(supernet, INPUT_SIZE, IN_CHANNELS), minmax)
     candidates = f"w{list(minmax.candidates_w)} a{list(minmax.candidates_a)}"
 

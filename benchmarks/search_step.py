@@ -4,7 +4,7 @@ Measures, in one process, the wall time of one step of ResNet-20 (10 classes) on
 32x32 RGB inputs (128 by default):
 
 - ``fp``: a plain full-precision SGD step of the float model;
-- ``dnas``, ``seam``, ``asga``: one step of ``framework.search.loop.SearchStep`` on the search
+- ``dnas``, ``seam``, ``asga``: one step of ``framework.search.step.SearchStep`` on the search
   supernet (4 candidate bit-widths per layer), with each method's config from ``conf/search/``;
 - ``asga_k5``: ASGA's periodic variant, the two-pass step every 5 steps and plain steps between
   (timed over whole periods, so the mean is the per-step cost a run pays).
@@ -33,7 +33,7 @@ from omegaconf import open_dict
 from framework.models import create_model
 from framework.paths import CONF_DIR
 from framework.quant import build_supernet, trace_layers
-from framework.search.loop import SearchStep
+from framework.search.step import SearchStep
 
 
 def search_config(method: str, period: int = 1):
@@ -67,7 +67,7 @@ def build_variants(batch_size: int):
         build_supernet(model, layers, scfg.quant)
         reference = float(sum(layer.macs * 36 for layer in layers))
         step = SearchStep(model, scfg, 10, "linear", reference, torch.device("cpu"))
-        variants[name] = ((lambda s=step: s(x, y)), period)
+        variants[name] = ((lambda s=step: s((x, y))), period)
     return variants
 
 

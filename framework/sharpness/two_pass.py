@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
+from framework.dist.process_group import all_reduce_mean
 from framework.sharpness.perturbation import Perturbation
 from framework.sharpness.rules import SAM
 
@@ -129,18 +129,6 @@ class TwoPassOptimizer:
         return info
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
-    """Each float averaged over the ranks of the default process group (unchanged for one process)."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
-        return [float(v) for v in values]
-    nccl = torch_dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(tensor)
-    n = torch_dist.get_world_size()
-    return [v / n for v in tensor.tolist()]
-
-
 class EngineTwoPass:
     """The two-pass step on a DeepSpeed engine, under data parallelism (any ZeRO stage 0-2).
 
@@ -192,7 +180,7 @@ class EngineTwoPass:
 
     def _reduce_losses(self) -> tuple[float, float]:
         n = len(self._losses)
-        loss, loss_p = mean_over_ranks([sum(a for a, _ in self._losses) / n, sum(b for _, b in self._losses) / n])
+        loss, loss_p = all_reduce_mean([sum(a for a, _ in self._losses) / n, sum(b for _, b in self._losses) / n])
         self._losses.clear()
         return loss, loss_p
 
