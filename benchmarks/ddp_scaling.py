@@ -96,13 +96,14 @@ def _config(model: str):
 
 
 def _rule(name: str, cfg):
-    from omegaconf import OmegaConf
 
     from framework.sharpness import build_rule
 
     if name == "sgd":
         return None
-    return build_rule(cfg.search.sharpness if name == "asga" else OmegaConf.create({"name": name}))
+    rule = cfg.search.sharpness.copy()
+    rule.name = name
+    return build_rule(rule)
 
 
 def _endless(loader):
@@ -127,12 +128,13 @@ def _time_rule(name: str, cfg, train_set, ranks, args) -> float:
     from framework.train.optim import build_optimizer, build_scheduler
 
     device = torch.device("cpu")
-    dist_cfg = OmegaConf.create({"zero_stage": args.zero_stage, "gradient_accumulation": 1, "precision": "fp32"})
+    dist_cfg = cfg.dist.copy()
+    dist_cfg.zero_stage, dist_cfg.gradient_accumulation, dist_cfg.precision = args.zero_stage, 1, "fp32"
     geometry = batch_geometry(args.global_batch, dist_cfg, ranks.world_size, "--global-batch")
     loader = build_loader(train_set, geometry.micro_batch, True, cfg.data, seed=0, accumulation=geometry.accumulation,
                           rank=ranks.rank, world_size=ranks.world_size)
     torch.manual_seed(0)
-    options = OmegaConf.to_container(cfg.model.options, resolve=True) if cfg.model.get("options") else {}
+    options = OmegaConf.to_container(cfg.model.options, resolve=True)
     model = create_model(str(cfg.model.name), num_classes=int(train_set.mpq_info["num_classes"]),
                          in_channels=int(cfg.data.channels), **options).to(device)
     optimizer = build_optimizer(model, cfg.train.optim)

@@ -51,10 +51,10 @@ class BatchGeometry:
 
 def batch_geometry(global_batch: int, dist_cfg: Any, world_size: int, batch_key: str = "train.batch_size") -> BatchGeometry:
     """Split the global batch into micro-batches, accumulation steps and ranks; bad splits are errors."""
-    accumulation = int(dist_cfg.get("gradient_accumulation", 1) or 1)
+    accumulation = int(dist_cfg.gradient_accumulation)
     if accumulation < 1:
         raise MPQError(f"dist.gradient_accumulation must be >= 1, not {accumulation}")
-    micro = dist_cfg.get("micro_batch")
+    micro = dist_cfg.micro_batch
     if micro:
         micro = int(micro)
         if micro * accumulation * world_size != global_batch:
@@ -103,20 +103,20 @@ def check_zero_stage(stage: int, two_pass: bool) -> None:
 
 def deepspeed_config(geometry: BatchGeometry, dist_cfg: Any, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (`dist.deepspeed` holds raw extra keys, merged last)."""
-    precision = resolve_precision(dist_cfg.get("precision", "auto"), device)
+    precision = resolve_precision(dist_cfg.precision, device)
     config: dict[str, Any] = {
         "train_batch_size": geometry.global_batch,
         "train_micro_batch_size_per_gpu": geometry.micro_batch,
         "gradient_accumulation_steps": geometry.accumulation,
-        "zero_optimization": {"stage": int(dist_cfg.get("zero_stage", 0))},
+        "zero_optimization": {"stage": int(dist_cfg.zero_stage)},
         "zero_allow_untested_optimizer": True,  # a torch optimizer, on purpose (no C++ op builds)
-        "gradient_clipping": float(dist_cfg.get("gradient_clipping", 0.0) or 0.0),
+        "gradient_clipping": float(dist_cfg.gradient_clipping),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
     }
-    extra = dist_cfg.get("deepspeed")
+    extra = dist_cfg.deepspeed
     if extra:
         extra = OmegaConf.to_container(extra, resolve=True) if not isinstance(extra, dict) else extra
         config = _merge(config, extra)
@@ -143,7 +143,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                  dist_cfg: Any, device: torch.device, two_pass: bool = False):
     """`deepspeed.initialize` around `model` with the torch `optimizer` and `scheduler` (stepped by
     the engine once per optimizer step). The process group must already be open."""
-    stage = int(dist_cfg.get("zero_stage", 0))
+    stage = int(dist_cfg.zero_stage)
     check_zero_stage(stage, two_pass)
     config = deepspeed_config(geometry, dist_cfg, device)
     if device.type == "cpu":
@@ -163,5 +163,5 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
         engine.enable_backward_allreduce = False  # one process: nothing to average, skip the bucket copies
     log.info("DeepSpeed engine: ZeRO %d, %d x %d x %d = global batch %d, %s", stage, geometry.micro_batch,
              geometry.accumulation, geometry.world_size, geometry.global_batch, resolve_precision(
-                 dist_cfg.get("precision", "auto"), device))
+                 dist_cfg.precision, device))
     return engine

@@ -64,9 +64,9 @@ def _fresh_head(model: nn.Module, num_classes: int) -> None:
 def budget_bitops(scfg, layers, fixed, fixed_bits) -> float | None:
     """`search.budget_bitops` (absolute, target resolution) or the cost of uniform
     `search.budget_uniform_bits` W/A bits (fixed layers at their bits); None: no budget."""
-    if scfg.get("budget_bitops"):
+    if scfg.budget_bitops:
         return float(scfg.budget_bitops)
-    bits = scfg.get("budget_uniform_bits")
+    bits = scfg.budget_uniform_bits
     if bits:
         uniform = uniform_bits(layers, int(bits), int(bits), fixed, fixed_bits)
         return float(sum(layer.macs * uniform[layer.name][0] * uniform[layer.name][1] for layer in layers))
@@ -93,11 +93,11 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     proxy_cfg = cfg.proxy.copy()
     with open_dict(proxy_cfg):
         proxy_cfg.channels = channels  # the proxy is fed to the target model
-        proxy_cfg.input_size = proxy_cfg.get("input_size") or target_size
+        proxy_cfg.input_size = proxy_cfg.input_size or target_size
     proxy_train = build_dataset(proxy_cfg, "train")
     proxy_val = build_dataset(proxy_cfg, "test")
     proxy_classes = proxy_train.mpq_info["num_classes"]
-    batch_size = int(scfg.get("batch_size") or cfg.train.batch_size)
+    batch_size = int(scfg.batch_size or cfg.train.batch_size)
     train_loader = build_loader(proxy_train, batch_size, True, proxy_cfg, seed=int(cfg.seed))
     val_loader = build_loader(proxy_val, cfg.train.eval_batch_size, False, proxy_cfg)
     if len(train_loader) == 0:
@@ -130,7 +130,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         sum(layer.macs * max(qcfg.candidates_w) * max(qcfg.candidates_a) for layer in layers)
     )
     searcher = SearchStep(model, scfg, proxy_classes, penalty_mode, reference, device)
-    total_steps = schedule_length(train_loader, int(scfg.epochs), scfg.get("max_steps"))
+    total_steps = schedule_length(train_loader, int(scfg.epochs), scfg.max_steps)
     searcher.schedule(total_steps)
     rule, last_terms = searcher.rule, searcher.last_terms
 
@@ -169,7 +169,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         )
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}
-        if budget is not None and scfg.get("repair", True):
+        if budget is not None and scfg.repair:
             joint = {n for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear)) and m.joint}
             bits, repair_record = repair(layers, bits, probs, candidates, budget, joint)
         proxy_cost = cost_at(proxy_layers, bits, total_params, int(proxy_cfg.input_size), channels)

@@ -118,10 +118,9 @@ def build_rule(cfg) -> SAM:
         raise ValueError(f"unknown sharpness rule '{name}'; choose one of {sorted(RULES)}")
     if name == "asga":
         return ASGA(
-            rho=float(cfg.get("rho", 0.05)), lookback=float(cfg.get("lookback", 0.001)),
-            rho_min=float(cfg.get("rho_min", 0.01)), rho_max=float(cfg.get("rho_max", 0.3)),
-            ema_momentum=float(cfg.get("ema_momentum", 0.9)), adaptive=bool(cfg.get("adaptive", True)),
+            rho=float(cfg.rho), lookback=float(cfg.lookback), rho_min=float(cfg.rho_min), rho_max=float(cfg.rho_max),
+            ema_momentum=float(cfg.ema_momentum), adaptive=bool(cfg.adaptive),
         )
     if name == "asam":
-        return ASAM(rho=float(cfg.get("rho", 0.5)), eta=float(cfg.get("eta", 0.01)))
-    return SAM(rho=float(cfg.get("rho", 0.05)), name=name)
+        return ASAM(rho=float(cfg.rho), eta=float(cfg.eta))
+    return SAM(rho=float(cfg.rho), name=name)

@@ -17,8 +17,7 @@ from framework.train.checkpoint import Checkpoint, load_checkpoint, load_model_s
 
 def model_meta(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint records to rebuild `cfg.model`: name, classes, input channels, options."""
-    node = cfg.model.get("options")  # optional per model: only some models take options
-    options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    options = OmegaConf.to_container(cfg.model.options, resolve=True)
     return {"name": str(cfg.model.name), "num_classes": int(num_classes), "in_channels": int(cfg.data.channels),
             "options": options}
 

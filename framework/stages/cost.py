@@ -19,7 +19,7 @@ def run_cost(cfg: DictConfig) -> Result:
     run_dir = run_directory(cfg, "cost")
     input_size = int(cfg.input_size or cfg.data.input_size or 224)
     in_channels = int(cfg.in_channels)
-    num_classes = int(cfg.num_classes or cfg.model.get("num_classes") or 1000)  # model.num_classes: torchvision only
+    num_classes = int(cfg.num_classes or cfg.model.num_classes)
     meta = {**model_meta(cfg, num_classes), "in_channels": in_channels}
     spec = str(cfg.policy or "uniform:8/8")
     policy, layers = resolve_policy(spec, meta["name"], lambda: build_model(meta), Geometry(input_size, in_channels), cfg.quant)

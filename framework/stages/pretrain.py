@@ -22,7 +22,7 @@ def run_pretrain(cfg: DictConfig) -> Result:
     run_dir, device = start_stage(cfg, "pretrain")
     train_set, test_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     meta = model_meta(cfg, train_set.mpq_info["num_classes"])
-    model = build_model(meta, cfg.model.get("weights")).to(device)  # `weights`: only torchvision models have it
+    model = build_model(meta, cfg.model.weights).to(device)
     job = TrainingJob(
         stage="pretrain", model=model, train_set=train_set, test_set=test_set, data_cfg=cfg.data,
         train_cfg=cfg.train, batch_key="train.batch_size",

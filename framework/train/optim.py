@@ -33,10 +33,10 @@ def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
     lr = float(optim_cfg.lr)
     if name == "sgd":
         return torch.optim.SGD(
-            groups, lr=lr, momentum=float(optim_cfg.get("momentum", 0.9)), nesterov=bool(optim_cfg.get("nesterov", True))
+            groups, lr=lr, momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov)
         )
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas))
     raise MPQError(f"unknown optimizer '{optim_cfg.name}'; choose train.optim.name=sgd or adamw")
 
 
@@ -50,8 +50,8 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ra
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, optim_cfg: Any):
-    warmup = int(round(float(optim_cfg.get("warmup_fraction", 0.0)) * total_steps))
-    min_ratio = float(optim_cfg.get("min_lr_ratio", 0.0))
+    warmup = int(round(float(optim_cfg.warmup_fraction) * total_steps))
+    min_ratio = float(optim_cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup, min_ratio)
     )

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from framework.dist.engine import batch_geometry, build_engine
@@ -55,7 +54,7 @@ def test_engine_step_equals_the_local_step(rule, saq_case):
             return loss
         local.step(closure)
 
-    dist_cfg = OmegaConf.create({"zero_stage": 0, "gradient_accumulation": 1, "precision": "fp32"})
+    dist_cfg = compose_config("finetune", ["dist.precision=fp32"]).dist
     with open_process_group(torch.device("cpu")):
         optimizer = torch.optim.SGD(engine_model.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -85,7 +84,7 @@ class PlainNet(nn.Module):
 
 
 def _engine(model: nn.Module, accumulation: int):
-    dist_cfg = OmegaConf.create({"zero_stage": 0, "gradient_accumulation": accumulation, "precision": "fp32"})
+    dist_cfg = compose_config("finetune", ["dist.precision=fp32", f"dist.gradient_accumulation={accumulation}"]).dist
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     geometry = batch_geometry(8, dist_cfg, 1)

@@ -4,11 +4,16 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from framework.errors import MPQError
 from framework.models import create_model
 from framework.train.optim import build_optimizer, build_scheduler, cosine_with_warmup
+from tests.conftest import compose_config
+
+
+def optim_config(*overrides: str):
+    """The `train.optim` node `mpq pretrain train.optim.<key>=<value> ...` would use."""
+    return compose_config("pretrain", [f"train.optim.{o}" for o in overrides]).train.optim
 
 
 def test_cosine_with_warmup_closed_form():
@@ -24,7 +29,7 @@ def test_cosine_with_warmup_closed_form():
 
 def test_scheduler_drives_the_optimizer_lr():
     model = torch.nn.Linear(3, 2)
-    cfg = OmegaConf.create({"name": "sgd", "lr": 0.2, "weight_decay": 1e-4, "warmup_fraction": 0.0})
+    cfg = optim_config("name=sgd", "lr=0.2", "weight_decay=1e-4", "warmup_fraction=0.0", "min_lr_ratio=0.0")
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, total_steps=4, optim_cfg=cfg)
     lrs = []
@@ -37,7 +42,7 @@ def test_scheduler_drives_the_optimizer_lr():
 
 def test_no_weight_decay_on_biases_and_batch_norm():
     model = create_model("resnet8", num_classes=10, in_channels=1)
-    cfg = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+    cfg = optim_config("name=adamw", "lr=1e-3", "weight_decay=0.05")
     opt = build_optimizer(model, cfg)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
@@ -46,4 +51,4 @@ def test_no_weight_decay_on_biases_and_batch_norm():
 
 def test_unknown_optimizer():
     with pytest.raises(MPQError, match="sgd or adamw"):
-        build_optimizer(torch.nn.Linear(2, 2), OmegaConf.create({"name": "lion", "lr": 1, "weight_decay": 0}))
+        build_optimizer(torch.nn.Linear(2, 2), optim_config("name=lion"))

@@ -7,6 +7,7 @@ from framework.data.loaders import EpochSampler, ShardSampler
 from framework.dist.engine import batch_geometry, check_zero_stage, resolve_precision
 from framework.dist.ranks import current_ranks, launched_ranks, slurm_rendezvous
 from framework.errors import MPQError
+from tests.conftest import compose_config
 
 
 def _steps(sampler: EpochSampler, per_step: int) -> list[list[int]]:
@@ -57,13 +58,13 @@ def test_evaluation_shards_cover_the_split_exactly_once():
 
 
 def test_batch_geometry_splits_the_global_batch():
-    cfg = {"gradient_accumulation": 2, "micro_batch": None}
+    cfg = compose_config("pretrain", ["dist.gradient_accumulation=2"]).dist
     g = batch_geometry(64, cfg, world_size=2)
     assert (g.micro_batch, g.accumulation, g.world_size, g.per_rank) == (16, 2, 2, 32)
     with pytest.raises(MPQError, match="multiple of 4"):
         batch_geometry(66, cfg, world_size=2)
     with pytest.raises(MPQError, match="dist.micro_batch=8"):
-        batch_geometry(64, {"gradient_accumulation": 1, "micro_batch": 8}, world_size=2)
+        batch_geometry(64, compose_config("pretrain", ["dist.micro_batch=8"]).dist, world_size=2)
 
 
 def test_zero_stage_3_and_half_precision_on_the_cpu_are_refused():
