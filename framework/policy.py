@@ -10,9 +10,9 @@ Reading validates the structure (pydantic) and :func:`validate_policy` checks it
 unknown or missing layers, unsupported bit-widths, a policy of another model and a broken budget
 are each one :class:`MPQError` naming the layer or field and what would fix it.
 
-Policies come from a search (:func:`derive_policy`, argmax of the logits per layer, with an optional
+Policies come from a search (:func:`derive_bits`, argmax of the logits per layer, with an optional
 budget :func:`repair`), or from the baselines: :func:`uniform_bits` and :func:`random_bits` (seeded,
-under a budget).
+under a budget); :func:`make_policy` assembles the bits into a :class:`Policy`.
 """
 
 from __future__ import annotations

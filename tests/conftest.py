@@ -1,11 +1,16 @@
-"""Shared fixtures: the real configs composed and shrunk, the `mpq` command in a subprocess."""
+"""Shared fixtures and helpers: the real configs composed and shrunk, the `mpq` command in a
+subprocess and its one-line error contract, readers of what runs leave behind (result.json, policy
+layers, checkpoints), waiting on a running command, free loopback ports and image trees."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +73,51 @@ def run_mpq(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return Completed(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_stage(stage: str, run_dir: Path, *args: str, env: dict | None = None, timeout: float = 600) -> dict:
+    """`mpq <stage> args... hydra.run.dir=<run_dir>`, which must succeed; its result.json (status ok)."""
+    proc = run_mpq(stage, *args, f"hydra.run.dir={run_dir}", env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = read_result(run_dir)
+    assert result["stage"] == stage and result["status"] == "ok", result.get("error")
+    return result
+
+
+def start_mpq(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """`mpq args...` started in the background (stdout discarded, stderr kept), to be interrupted."""
+    return subprocess.Popen([MPQ, *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def assert_one_error_line(proc: Completed, stage: str | None, *fragments: str, run_dir: Path | None = None) -> str:
+    """The error contract of the `mpq` command: exit status 2, no traceback, one line on stderr,
+    `mpq <stage>: error: ...` (`mpq: error: ...` before a stage is known) holding every fragment;
+    with `run_dir`, a result.json there with status error and that same message. Returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert len(proc.error_lines) == 1, proc.error_lines
+    (line,) = proc.error_lines
+    prefix = f"mpq {stage}: error: " if stage else "mpq: error: "
+    assert line.startswith(prefix), line
+    for fragment in fragments:
+        assert fragment in line, line
+    if run_dir is not None:
+        result = read_result(run_dir)
+        assert (result["stage"], result["status"], result["error"]) == (stage, "error", line[len(prefix):])
+    return line
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_result(run_dir: Path) -> dict:
+    """The result.json a stage left in `run_dir`."""
+    return read_json(Path(run_dir) / "result.json")
+
+
+def policy_layers(path: str | Path) -> dict:
+    """The per-layer bits (and MACs, params) of a policy.json."""
+    return read_json(Path(path))["layers"]
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -80,22 +128,55 @@ def checkpoint_step(run_dir: Path) -> int:
         return -1
 
 
+def checkpoint_weights(run_dir: Path) -> dict:
+    """The model state of `run_dir/checkpoints/last`."""
+    import torch
+
+    return torch.load(Path(run_dir) / "checkpoints" / "last" / "model.pt", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The last checkpoints of the runs in `a` and `b` hold bit-identical tensors."""
+    import torch
+
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def wait_for(predicate: Callable[[], object], proc: subprocess.Popen | None = None, timeout: float = 120.0,
+             what: str = "the run") -> None:
+    """Poll `predicate` until it holds; fail if `proc` ends first (with its stderr) or on timeout."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc is not None:
+            assert proc.poll() is None, f"{what} ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory):
     """The acceptance command of the spine, run once: `mpq pretrain data.fraction=0.05 model=resnet8 train.epochs=1`."""
     base = tmp_path_factory.mktemp("pretrain_cli")
     run_dir, aim_repo = base / "run", base / "aim"
-    proc = run_mpq(
-        "pretrain",
-        "data=fashion_mnist",
-        "data.fraction=0.05",
-        "model=resnet8",
-        "train.epochs=1",
-        f"hydra.run.dir={run_dir}",
-        f"tracking.repo={aim_repo}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"run_dir": run_dir, "aim_repo": aim_repo, "proc": proc, "result": read_json(run_dir / "result.json")}
+    result = run_stage("pretrain", run_dir, "data=fashion_mnist", "data.fraction=0.05", "model=resnet8", "train.epochs=1",
+                       f"tracking.repo={aim_repo}")
+    return {"run_dir": run_dir, "aim_repo": aim_repo, "result": result}
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoint(pretrained_run) -> str:
+    """`checkpoints/last` of the session's pretrained run."""
+    return pretrained_run["result"]["artifacts"]["checkpoint"]
 
 
 def make_image_tree(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 30),

@@ -5,7 +5,6 @@ from framework.quant.convert import (
     fixed_bits_of,
     fixed_layer_names,
     quantize_model,
-    supernet_to_fixed,
 )
 from framework.quant.cost import (
     LayerCost,
@@ -43,6 +42,5 @@ __all__ = [
     "float_parameter_count",
     "policy_cost",
     "quantize_model",
-    "supernet_to_fixed",
     "trace_layers",
 ]

@@ -1,5 +1,4 @@
-"""Model conversion: float model -> fixed-policy quantized model, float model -> search supernet,
-supernet -> fixed model under a derived policy.
+"""Model conversion: float model -> fixed-policy quantized model, float model -> search supernet.
 
 Layers are addressed by module name (`layer1.0.conv1`). The first convolution and the last linear
 layer in execution order are *fixed* (not searched) at `quant.fixed_bits` (8 by default, as LIMPQ;
@@ -13,7 +12,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from framework.quant.cost import LayerCost
-from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear, _copy_float
+from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear
 from framework.quant.quantizers import FULL_PRECISION
 
 
@@ -90,18 +89,3 @@ def build_supernet(model: nn.Module, layers: list[LayerCost], qcfg) -> nn.Module
         replace_module(model, layer.name, new)
     return model
 
-
-def supernet_to_fixed(supernet: nn.Module, bits: Mapping[str, tuple[int, int]], qcfg) -> nn.Module:
-    """A fixed-precision model with the supernet's weights and the given per-layer bits (in place).
-
-    The quantizers are new (`qcfg`, e.g. LSQ for fine-tuning) and initialise on their first batch;
-    the search quantizers' state (min-max has none, learned ranges) is not carried over.
-    """
-    for name, (w_bits, a_bits) in bits.items():
-        module = supernet.get_submodule(name)
-        if isinstance(module, (SearchConv2d, SearchLinear)):
-            plain = _copy_float(nn.Conv2d if isinstance(module, SearchConv2d) else nn.Linear, module)
-            new = plain if (w_bits, a_bits) == (FULL_PRECISION, FULL_PRECISION) else _to_fixed(plain, w_bits, a_bits, qcfg)
-            new.macs = module.macs
-            replace_module(supernet, name, new)
-    return supernet

@@ -121,7 +121,9 @@ def policy_cost(
 def expected_bitops(model: nn.Module) -> torch.Tensor:
     """C = sum_l MACs_l E[b_w,l] E[b_a,l] over searchable layers plus fixed layers at their bits.
 
-    Uses the `macs` each layer was given at conversion (the search resolution).
+    Uses the `macs` each layer was given at conversion (:func:`framework.quant.build_supernet`).
+    The search converts with layers traced at the target's input size, not the proxy's, so C is in
+    BitOps at the target resolution, the resolution of the budget and of the policy's `cost.target`.
     """
     searched: torch.Tensor | None = None
     fixed = 0.0

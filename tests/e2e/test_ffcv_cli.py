@@ -1,7 +1,7 @@
 """`mpq prepare` and `data.loader=ffcv` as a user runs them: a missing beton is one clear line, then
 the prepared files feed a few real training steps."""
 
-from tests.conftest import make_image_tree, read_json, run_mpq
+from tests.conftest import assert_one_error_line, make_image_tree, run_mpq, run_stage
 
 
 def test_prepare_then_pretrain_from_ffcv(tmp_path):
@@ -13,21 +13,14 @@ def test_prepare_then_pretrain_from_ffcv(tmp_path):
              "tracking.enabled=false"]
 
     missing = run_mpq("pretrain", *train, f"hydra.run.dir={tmp_path / 'before'}")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert len(missing.error_lines) == 1, missing.error_lines
-    line = missing.error_lines[0]
-    assert "no FFCV file" in line and str(tmp_path / "betons") in line and "mpq prepare data=imagefolder" in line
-    assert read_json(tmp_path / "before" / "result.json")["status"] == "error"
+    line = assert_one_error_line(missing, "pretrain", "no FFCV file", str(tmp_path / "betons"), "mpq prepare data=imagefolder",
+                                 run_dir=tmp_path / "before")
 
     assert line.split("write it with: ", 1)[1].startswith("mpq prepare ")
     prepare_args = line.split("write it with: mpq prepare ", 1)[1].split()  # the command the error names
-    prepared = run_mpq("prepare", *prepare_args, "data.ffcv.write.workers=1", f"hydra.run.dir={tmp_path / 'prepare'}")
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    written = read_json(tmp_path / "prepare" / "result.json")
-    assert written["status"] == "ok" and written["metrics"]["written"] == 2
+    written = run_stage("prepare", tmp_path / "prepare", *prepare_args, "data.ffcv.write.workers=1")
+    assert written["metrics"]["written"] == 2
 
-    proc = run_mpq("pretrain", *train, f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = read_json(tmp_path / "run" / "result.json")
-    assert result["status"] == "ok" and result["config"]["data"]["loader"] == "ffcv"
+    result = run_stage("pretrain", tmp_path / "run", *train)
+    assert result["config"]["data"]["loader"] == "ffcv"
     assert result["metrics"]["steps"] == 2 and result["metrics"]["test_samples"] == 24

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from aim import Repo
+
+from tests.conftest import free_port, run_stage
 
 AIM = str(Path(sys.executable).parent / "aim")
 
@@ -44,19 +45,13 @@ def test_run_has_train_and_val_metrics_with_contexts(pretrained_run):
     assert not any(name.startswith("__system__") for name, _ in series)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
 
 
 def test_aim_up_serves_the_run_on_loopback(pretrained_run):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [AIM, "up", "--host", "127.0.0.1", "--port", str(port), "--repo", str(pretrained_run["aim_repo"])],
         stdout=subprocess.DEVNULL,
@@ -91,18 +86,16 @@ def test_aim_up_serves_the_run_on_loopback(pretrained_run):
 
 
 def test_policy_plot_is_tracked_as_an_aim_image(tmp_path):
+    import numpy as np
     from aim.storage.context import Context
-
-    from tests.conftest import read_json, run_mpq
+    from PIL import Image
 
     repo = tmp_path / "aim"
-    proc = run_mpq("cost", "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4",
-                   f"hydra.run.dir={tmp_path / 'run'}", f"tracking.repo={repo}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_hash = read_json(tmp_path / "run" / "result.json")["tracking"]["run_hash"]
+    run_hash = run_stage("cost", tmp_path / "run", "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4",
+                         f"tracking.repo={repo}")["tracking"]["run_hash"]
     run = {r.hash: r for r in Repo.from_path(str(repo)).iter_runs()}[run_hash]
     images = run.get_image_sequence("policy", Context({"subset": "val"}))
-    assert images is not None
     assert list(images.data.indices()) == [0]  # the step the plot was tracked at
     (image,) = images.values.values_list()
-    assert image.to_pil_image().size[0] > 300
+    tracked, written = image.to_pil_image().convert("RGB"), Image.open(tmp_path / "run" / "policy.png").convert("RGB")
+    assert tracked.size == written.size and np.array_equal(np.asarray(tracked), np.asarray(written))  # the plot beside policy.json

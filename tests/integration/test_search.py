@@ -10,7 +10,7 @@ from framework.results import read_result
 from framework.search.loop import run_search
 from framework.stages.finetune import run_finetune
 from framework.stages.pretrain import run_pretrain
-from tests.conftest import compose_config
+from tests.conftest import compose_config, make_image_tree
 
 TINY_SEARCH = [
     "proxy.per_class=20",        # 200 MNIST images
@@ -47,8 +47,8 @@ def test_every_method_gives_a_valid_non_uniform_policy_under_budget(tmp_path, fp
     assert policy.provenance["method"] == method
     assert policy.provenance["proxy"]["dataset"] == "mnist" and len(policy.provenance["proxy"]["indices_hash"]) == 16
     assert (tmp_path / "policy.png").exists() and (tmp_path / "bit_probabilities.png").exists()
-    if "asga" in method:
-        assert 0.01 <= result.metrics["rho"] <= 0.3
+    if "asga" in method:  # the adaptive radius moved from its start, rho0 = 0.05, within its clip
+        assert result.metrics["rho"] != pytest.approx(0.05) and 0.01 <= result.metrics["rho"] <= 0.3, result.metrics["rho"]
     if "seam" in method:
         assert "margin" in result.extra["history"][-1]
 
@@ -78,36 +78,39 @@ def test_finetune_under_the_searched_policy(tmp_path, fp_checkpoint):
         ])
         result = run_finetune(cfg)
         assert result.metrics["bitops"] == pytest.approx(read_policy(found.artifacts["policy"]).cost["target"].bitops)
-        assert result.metrics["steps"] == 4 and 0 <= result.metrics["top1"] <= 1
+        assert result.metrics["steps"] == 4
+        # 0.25-0.32 on the 500 test images (seeds 0, 1; from a checkpoint at 0.32-0.37); chance is 0.1
+        assert result.metrics["top1"] > 0.15, (name, result.metrics)
         state = torch.load(f"{result.artifacts['checkpoint']}/training.pt", weights_only=True)
         assert state["two_pass"]["step_count"] == 4
 
 
-def test_full_precision_fixed_layers_are_counted_at_32_bits(tmp_path, fp_checkpoint):
+def test_expected_bitops_count_fixed_layers_at_32_bits_and_macs_at_the_target_resolution(tmp_path, fp_checkpoint):
+    """C = sum_l MACs_l E[b_w] E[b_a] with the full-precision first and last layers at 32 x 32 bits,
+    and MACs at the target's 28 pixels while the proxy is fed at 32."""
     result = _search(tmp_path, fp_checkpoint, "search=dnas", "search.max_steps=2", "search.quant.fixed_bits=32",
-                     "search.budget_uniform_bits=null", "search.complexity.penalty=linear")
+                     "search.budget_uniform_bits=null", "search.complexity.penalty=linear", "proxy.input_size=32")
     policy = read_policy(result.artifacts["policy"])
     assert (policy.layers["conv1"].w_bits, policy.layers["conv1"].a_bits) == (32, 32) and policy.layers["conv1"].fixed
     assert (policy.layers["fc"].w_bits, policy.layers["fc"].a_bits) == (32, 32)
-    fixed_bitops = 32 * 32 * (policy.layers["conv1"].macs + policy.layers["fc"].macs)
-    assert result.metrics["expected_gbitops"] * 1e9 > fixed_bitops
+    target = {layer.name: layer.macs for layer in trace_layers(create_model("resnet8", num_classes=10, in_channels=1), 28, 1)}
+    assert {name: layer.macs for name, layer in policy.layers.items()} == target
+    assert policy.cost["proxy"].input_size == 32 and policy.cost["proxy"].macs > policy.cost["target"].macs
+    def mean_bits(probabilities):  # E[b] over the candidates 2, 3, 4, 6
+        return sum(p * b for p, b in zip(probabilities, [2, 3, 4, 6], strict=True))
+
+    expected = 32 * 32 * (target["conv1"] + target["fc"])
+    for name, p in policy.provenance["probabilities"].items():  # the searched layers' final bit probabilities
+        expected += target[name] * mean_bits(p["w"]) * mean_bits(p["a"])
+    assert result.metrics["expected_gbitops"] * 1e9 == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_proxy_with_other_classes_keeps_the_target_costs(tmp_path, fp_checkpoint):
     """A 3-class proxy (an ImageFolder tree) for the 10-class target: the policy's costs are the target's."""
-    import numpy as np
-    from PIL import Image
-
     from framework.policy import cost_at
     from framework.quant import float_parameter_count
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(3):
-            folder = tmp_path / "tree" / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    make_image_tree(tmp_path / "tree", classes=3, per_class=6, size=(28, 28), suffix=".png")
     result = _search(tmp_path / "run", fp_checkpoint, "search=dnas", "search.max_steps=2", "proxy=imagefolder",
                      f"proxy.root={tmp_path / 'tree'}", "proxy.fraction=1.0", "search.batch_size=6")
     policy = read_policy(result.artifacts["policy"])

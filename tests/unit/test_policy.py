@@ -1,4 +1,8 @@
-"""The policy file: round trip, validation against a model, derivation, repair and baselines."""
+"""The policy file: round trip, validation against a model, derivation, repair and baselines.
+
+Every kind of bad policy runs here, in-process, through the function `mpq cost`, `mpq evaluate` and
+`mpq finetune` resolve `policy=` with; tests/e2e/test_quant_cli.py runs one bad policy per command
+for the one-line error contract."""
 
 import json
 
@@ -26,6 +30,8 @@ from framework.quant import (
     float_parameter_count,
     trace_layers,
 )
+from framework.stage import Geometry, resolve_policy
+from tests.conftest import compose_config
 
 MODEL = create_model("resnet8", num_classes=10, in_channels=1)
 LAYERS = trace_layers(MODEL, 28, 1)
@@ -53,55 +59,91 @@ def test_round_trip_writes_json_and_plot(tmp_path):
     assert raw["provenance"]["proxy"]["indices_hash"] == "abc" and "code_version" in raw["provenance"]
 
 
-def _bad(tmp_path, mutate):
-    data = json.loads(_policy(uniform_bits(LAYERS, 4, 4, FIXED, 8)).to_json())
-    mutate(data)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    return read_policy(path)
+def _lie_about_the_cost(d):
+    d["budget"] = {"bitops": 1e6, "at": "target"}
+    d["cost"]["target"]["bitops"] = 1.0
 
 
-@pytest.mark.parametrize(
-    "mutate,message",
-    [
-        (lambda d: d["layers"].update({"layer9.conv": d["layers"]["conv1"]}), "unknown layer 'layer9.conv'"),
-        (lambda d: d["layers"].pop("layer2.0.conv2"), "missing layer 'layer2.0.conv2'"),
-        (lambda d: d["layers"]["layer1.0.conv1"].update(w_bits=9), "layer 'layer1.0.conv1' has w_bits=9"),
-        (lambda d: d.update(model="resnet20"), "for model 'resnet20'"),
-        (lambda d: d.update(budget={"bitops": 1e6, "at": "target"}), "breaks its budget"),
-    ],
-)
-def test_validation_names_the_problem(tmp_path, mutate, message):
-    policy = _bad(tmp_path, mutate)
-    with pytest.raises(MPQError, match=message):
-        validate_policy(policy, "resnet8", LAYERS, "policy")
+SUPPORTED = "use one of [2, 3, 4, 5, 6, 7, 8, 32]"
+
+# name: (a change to a valid resnet8 policy file, or the file's text, or a `uniform:` spec;
+#        fragments of the one error line: the layer or key at fault, then what would fix it)
+BAD_POLICIES = {
+    "unknown_layer": (lambda d: d["layers"].update({"layer9.conv": d["layers"]["conv1"]}),
+                      ["names unknown layer 'layer9.conv'", "remove it or fix its name"]),
+    "missing_layer": (lambda d: d["layers"].pop("layer2.0.conv2"),
+                      ["missing layer 'layer2.0.conv2'", "give every conv and linear layer w_bits and a_bits"]),
+    "unsupported_w_bits": (lambda d: d["layers"]["layer1.0.conv1"].update(w_bits=9),
+                           ["layer 'layer1.0.conv1' has w_bits=9", SUPPORTED]),
+    "unsupported_a_bits": (lambda d: d["layers"]["layer1.0.conv1"].update(a_bits=1),
+                           ["layer 'layer1.0.conv1' has a_bits=1", SUPPORTED]),
+    "other_model": (lambda d: d.update(model="resnet20"),
+                    ["is for model 'resnet20', not 'resnet8'", "pick model=resnet20"]),
+    "broken_budget": (lambda d: d.update(budget={"bitops": 1e6, "at": "target"}),
+                      ["breaks its budget", "budget 0.0010 GBitOps", "lower some layers' bits or raise budget.bitops"]),
+    "budget_met_only_on_paper": (_lie_about_the_cost, ["breaks its budget", "lower some layers' bits or raise budget.bitops"]),
+    "budget_without_its_cost": (lambda d: d.update(budget={"bitops": 1e12, "at": "proxy"}),
+                                ["budget at the proxy resolution", "no cost.proxy"]),
+    "misspelt_key": (lambda d: d["layers"]["conv1"].update(w_bit=d["layers"]["conv1"].pop("w_bits")),
+                     ["malformed", "field 'layers.conv1.w_bits'"]),
+    "negative_macs": (lambda d: d["layers"]["fc"].update(macs=-1), ["malformed", "field 'layers.fc.macs'"]),
+    "no_layers": (lambda d: d.update(layers={}), ["malformed", "field 'layers'", "at least one layer"]),
+    "malformed_json": ("{not json", ["not valid JSON", "line 1, column 2"]),
+    "other_schema": ('{"schema": "mpq-policy/2", "model": "resnet8", "layers": {}}',
+                     ["has schema 'mpq-policy/2'", "expected 'mpq-policy/1'"]),
+    "wrong_type": ('{"schema": "mpq-policy/1", "model": "resnet8", "layers": {"conv1": {"w_bits": "four", "a_bits": 8, '
+                   '"macs": 1, "params": 1}}}', ["malformed", "field 'layers.conv1.w_bits'", "valid integer"]),
+    "not_an_object": ("[1, 2]", ["not a JSON object", "a policy file has schema, model and layers"]),
+    "not_text": (b"\xff\xfe\x00policy", ["not UTF-8 text", "a policy file is JSON"]),
+    "no_file": (None, ["does not exist", "pass policy=<path to policy.json> or policy=uniform:W/A"]),
+    "uniform_without_activation_bits": ("uniform:4", ["policy=uniform:4 is malformed", "write uniform:W/A"]),
+    "uniform_unsupported_bits": ("uniform:4/1", ["policy=uniform:4/1", "1 bits is not supported", SUPPORTED]),
+}
+
+
+def _bad_spec(tmp_path, change) -> tuple[str, str | None]:
+    """The `policy=` value of a bad case, and the file it names (None for a `uniform:` spec)."""
+    if isinstance(change, str) and change.startswith("uniform:"):
+        return change, None
+    path = tmp_path / "policy.json"
+    if callable(change):
+        data = json.loads(_policy(uniform_bits(LAYERS, 4, 4, FIXED, 8)).to_json())
+        change(data)
+        path.write_text(json.dumps(data))
+    elif isinstance(change, bytes):
+        path.write_bytes(change)
+    elif change is not None:
+        path.write_text(change)
+    return str(path), str(path)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_POLICIES))
+def test_a_bad_policy_is_one_error_naming_the_fault_and_the_fix(tmp_path, name):
+    change, fragments = BAD_POLICIES[name]
+    spec, path = _bad_spec(tmp_path, change)
+    qcfg = compose_config("finetune").quant
+    with pytest.raises(MPQError) as err:
+        resolve_policy(spec, "resnet8", lambda: create_model("resnet8", num_classes=10, in_channels=1), Geometry(28, 1), qcfg)
+    message = str(err.value)
+    assert "\n" not in message, message
+    for fragment in ([f"policy file {path}"] if path else []) + fragments:
+        assert fragment in message, message
+
+
+def test_the_good_policy_the_bad_ones_are_made_from_resolves(tmp_path):
+    spec, _ = _bad_spec(tmp_path, lambda d: None)
+    qcfg = compose_config("finetune").quant
+    policy, layers = resolve_policy(spec, "resnet8", lambda: create_model("resnet8", num_classes=10, in_channels=1),
+                                    Geometry(28, 1), qcfg)
+    assert policy.bits() == uniform_bits(LAYERS, 4, 4, FIXED, 8)
+    assert [layer.name for layer in layers] == [layer.name for layer in LAYERS]
 
 
 def test_budget_is_checked_on_measured_cost_not_the_written_one(tmp_path):
-    def lie(d):
-        d["budget"] = {"bitops": 1e6, "at": "target"}
-        d["cost"]["target"]["bitops"] = 1.0
-
-    policy = _bad(tmp_path, lie)
+    policy = read_policy(_bad_spec(tmp_path, _lie_about_the_cost)[1])
     validate_policy(policy, "resnet8", LAYERS)  # the file's own numbers hold...
     with pytest.raises(MPQError, match="breaks its budget"):  # ...the measured ones do not
         validate_policy(policy, "resnet8", LAYERS, recompute=lambda s, c: cost_at(LAYERS, policy.bits(), TOTAL, s, c))
-
-
-@pytest.mark.parametrize(
-    "text,message",
-    [
-        ("{not json", "not valid JSON"),
-        ('{"schema": "mpq-policy/2", "model": "resnet8", "layers": {}}', "schema"),
-        ('{"schema": "mpq-policy/1", "model": "resnet8", "layers": {"conv1": {"w_bits": "four", "a_bits": 8, "macs": 1, "params": 1}}}', "layers.conv1.w_bits"),
-        ('[1, 2]', "not a JSON object"),
-    ],
-)
-def test_malformed_files(tmp_path, text, message):
-    path = tmp_path / "p.json"
-    path.write_text(text)
-    with pytest.raises(MPQError, match=message):
-        read_policy(path)
 
 
 def test_random_policies_are_seeded_and_meet_the_budget():
@@ -119,8 +161,6 @@ def test_random_policies_are_seeded_and_meet_the_budget():
 
 
 def _supernet():
-    from tests.conftest import compose_config
-
     model = create_model("resnet8", num_classes=10, in_channels=1)
     build_supernet(model, trace_layers(model, 28, 1), compose_config("pretrain", ["quant=minmax"]).quant)
     return model

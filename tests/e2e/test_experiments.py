@@ -1,0 +1,61 @@
+"""Every experiment in conf/experiment/ composes and runs end to end: `mpq pipeline experiment=<name>`
+in a subprocess, shrunk to a few steps of every stage (as lightning-hydra-template runs each of its
+experiment configs). The run must be the config Hydra's compose API gives for the same overrides,
+with every value the experiment file sets that the shrink leaves alone."""
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from framework.paths import CONF_DIR
+from tests.conftest import compose_config, read_result, run_stage
+
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+STEPS = {"pretrain": 3, "search": 2, "finetune": 2}
+# A few hundred images where the experiment would read thousands, a few steps of every stage and
+# no loader workers; the data fraction an experiment sets stays its own (max_steps bounds it).
+SHRINK = [
+    f"train.max_steps={STEPS['pretrain']}", f"search.max_steps={STEPS['search']}", f"finetune.max_steps={STEPS['finetune']}",
+    "data.test_fraction=0.02", "proxy.fraction=0.01", "proxy.test_fraction=0.02", "data.num_workers=0",
+]
+SLOW: set[str] = set()  # experiments too slow on 2 cores even shrunk (none so far)
+
+
+def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    """`{"a.b": value}` for every leaf of a nested mapping."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])
+def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path, name):
+    overrides = [f"experiment={name}", *SHRINK, f"tracking.repo={tmp_path / 'aim'}"]
+    cfg = compose_config("pipeline", overrides)
+    written = _leaves(yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()))
+    shrunk = {item.split("=", 1)[0] for item in overrides}
+    kept = {key: value for key, value in written.items() if key not in shrunk}
+    assert kept, f"the shrink overrides everything experiment {name} sets"
+    for key, value in kept.items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+    result = run_stage("pipeline", tmp_path / "run", *overrides)
+    # the command ran exactly the composed config (run_dir is Hydra's output folder, set by `mpq`)
+    ran = result["config"]
+    expected = OmegaConf.to_container(cfg, resolve=True)
+    assert ran.pop("run_dir") == str(tmp_path / "run") and expected.pop("run_dir") is None
+    assert ran == expected
+
+    assert [row["stage"] for row in result["stages"]] == ["pretrain", "search", "finetune", "evaluate"]
+    stages = {row["stage"]: read_result(tmp_path / "run" / row["stage"]) for row in result["stages"]}
+    for stage, steps in STEPS.items():
+        assert stages[stage]["metrics"]["steps"] == steps, stage
+    assert stages["finetune"]["config"]["init_checkpoint"] == stages["pretrain"]["artifacts"]["checkpoint"]
+    assert stages["evaluate"]["config"]["checkpoint"] == stages["finetune"]["artifacts"]["checkpoint"]
+    assert result["metrics"]["top1"] == stages["evaluate"]["metrics"]["top1"]
+    assert {stage["config"]["experiment_name"] for stage in stages.values()} == {cfg.experiment_name}
+    assert all(stage["tracking"]["repo"] == str(tmp_path / "aim") for stage in stages.values())
