@@ -72,7 +72,9 @@ def test_asha_stops_the_trial_that_cannot_learn_after_its_first_epoch(asha_sweep
     assert set(rows) == set(LEARNING_RATES)
     assert rows[0.0]["status"] == "stopped" and rows[0.0]["epochs"] == 1
     assert not (Path(rows[0.0]["run_dir"]) / "result.json").exists()
-    assert asha_sweep["json"]["metrics"]["stopped"] >= 1 and asha_sweep["json"]["metrics"]["finished"] >= 1
+    metrics = asha_sweep["json"]["metrics"]
+    assert metrics["stopped"] == sum(row["status"] == "stopped" for row in rows.values()) >= 1
+    assert metrics["finished"] == len(LEARNING_RATES) - metrics["stopped"] >= 1  # none failed or was left unfinished
     for row in rows.values():
         if row["status"] == "finished":
             assert row["epochs"] == 3 and (Path(row["run_dir"]) / "policy.json").exists()
