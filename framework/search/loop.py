@@ -27,7 +27,6 @@ from torch import nn
 from framework import __version__
 from framework.data import build_dataset, build_loader
 from framework.errors import MPQError
-from framework.models import create_model
 from framework.policy import Budget, cost_at, derive_bits, make_policy, repair, uniform_bits, write_policy
 from framework.quant import (
     SearchConv2d,
@@ -41,7 +40,7 @@ from framework.quant import (
 )
 from framework.results import Result, write_result
 from framework.search.step import SearchStep
-from framework.stage import load_full_precision_checkpoint, start_stage
+from framework.stage import build_model, load_full_precision_checkpoint, start_stage
 from framework.track import open_tracker
 from framework.track.figures import plot_bit_probabilities
 from framework.train.checkpoint import load_model_state
@@ -103,8 +102,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     if len(train_loader) == 0:
         raise MPQError(f"the proxy set has {len(proxy_train)} samples, fewer than one batch; raise proxy.fraction")
 
-    model = create_model(model_meta["name"], num_classes=model_meta["num_classes"], in_channels=channels,
-                         **model_meta.get("options", {}))
+    model = build_model({**model_meta, "in_channels": channels})
     load_model_state(model, ckpt)
     # costs are those of the target model (its own classifier), measured before the head is swapped
     layers = trace_layers(model, target_size, channels)  # MACs at the target resolution

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from framework.paths import REPO_ROOT
-from tests.conftest import read_json
+from tests.conftest import free_port, read_json
 from tests.slurm.conftest import slurm_cluster  # noqa: F401  (the development cluster, as a fixture here too)
 from tests.tune.conftest import TINY_TRIAL
 
@@ -25,17 +25,11 @@ CLUSTER_SWEEP = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "search.e
                  "tracking.enabled=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` on 127.0.0.1 in its own process group, ended (the group only) afterwards."""
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # as slurm/ray_sweep.sbatch runs it
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
@@ -64,9 +58,9 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_run, ray_head):
+def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_checkpoint, ray_head):
     """The sweep in its own process, as `mpq sweep tune.address=auto` on a cluster node runs it."""
-    checkpoint = pretrained_run["result"]["artifacts"]["checkpoint"]
+    checkpoint = pretrained_checkpoint
     env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
     done = subprocess.run([sys.executable, "-m", "tests.tune.sweep_main", str(tmp_path), checkpoint, *CLUSTER_SWEEP,
                            "tune.address=auto"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -79,10 +73,10 @@ def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_run, r
 
 def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tmp_path):
     cluster_env = request.getfixturevalue("slurm_cluster")  # brought up only when the test can run
-    checkpoint = request.getfixturevalue("pretrained_run")["result"]["artifacts"]["checkpoint"]
+    checkpoint = request.getfixturevalue("pretrained_checkpoint")
     ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")
     env = {**os.environ, **cluster_env, "MPQ_PYTHON": sys.executable, "MPQ_RUN_DIR": str(tmp_path / "sweep"),
-           "MPQ_RAY_PORT": str(_free_port()), "MPQ_RAY_TMP": ray_tmp}
+           "MPQ_RAY_PORT": str(free_port()), "MPQ_RAY_TMP": ray_tmp}
     overrides = [o for o in TINY_TRIAL if not o.startswith("tune.max_concurrent")]
     done = subprocess.run(["sbatch", "--wait", "--time=10", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
                            "slurm/ray_sweep.sbatch", f"init_checkpoint={checkpoint}", *overrides, *CLUSTER_SWEEP],

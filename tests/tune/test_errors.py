@@ -8,36 +8,31 @@ from framework.tune.sweep import run_sweep
 from tests.tune.conftest import sweep_config
 
 
-@pytest.fixture
-def checkpoint(pretrained_run):
-    return pretrained_run["result"]["artifacts"]["checkpoint"]
-
-
 @pytest.mark.parametrize("address, message", [
     ("127.0.0.1:9", r"tune.address=127.0.0.1:9: cannot reach a Ray cluster at 127.0.0.1:9 .*drop tune.address"),
     ("ray://127.0.0.1:9", r"tune.address=ray://127.0.0.1:9: (Ray Client is not installed|cannot reach a Ray cluster)"),
     ("somewhere", r"tune.address=somewhere is invalid: expected auto, host:port or ray://host:port"),
 ])
-def test_an_unreachable_cluster_is_one_error_in_seconds(tmp_path, checkpoint, address, message):
+def test_an_unreachable_cluster_is_one_error_in_seconds(tmp_path, pretrained_checkpoint, address, message):
     import ray
 
     assert not ray.is_initialized()  # else the sweep would use the Ray already connected
     with pytest.raises(MPQError, match=message):
-        run_sweep(sweep_config(tmp_path, checkpoint, f"tune.address={address}"))
+        run_sweep(sweep_config(tmp_path, pretrained_checkpoint, f"tune.address={address}"))
 
 
-def test_auto_with_a_stale_ray_address_names_it(tmp_path, checkpoint, monkeypatch):
+def test_auto_with_a_stale_ray_address_names_it(tmp_path, pretrained_checkpoint, monkeypatch):
     import ray
 
     assert not ray.is_initialized()
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     with pytest.raises(MPQError, match=r"tune.address=auto: cannot reach a Ray cluster at 127.0.0.1:9"):
-        run_sweep(sweep_config(tmp_path, checkpoint, "tune.address=auto"))
+        run_sweep(sweep_config(tmp_path, pretrained_checkpoint, "tune.address=auto"))
 
 
-def test_resume_needs_a_sweep_to_restore(tmp_path, checkpoint):
+def test_resume_needs_a_sweep_to_restore(tmp_path, pretrained_checkpoint):
     with pytest.raises(MPQError, match=r"resume=true: there is no sweep of these 4 trials to restore in .*hydra.run.dir"):
-        run_sweep(sweep_config(tmp_path, checkpoint, "tune.resume=true"))
+        run_sweep(sweep_config(tmp_path, pretrained_checkpoint, "tune.resume=true"))
 
 
 def test_a_sweep_needs_a_full_precision_checkpoint(tmp_path):
@@ -52,8 +47,8 @@ def test_a_sweep_needs_a_full_precision_checkpoint(tmp_path):
     (["tune.scheduler.grace_period=5", "search.epochs=2"], r"tune.scheduler.grace_period=5 is longer than a trial"),
     (["~tune.space", "+tune.space={search: {lr_logitz: {grid: [0.1]}}}"], r"tune.space.search.lr_logitz: the config has no key"),
 ])
-def test_bad_tune_values_name_the_key(tmp_path, checkpoint, overrides, message):
-    cfg = sweep_config(tmp_path, checkpoint, *overrides)
+def test_bad_tune_values_name_the_key(tmp_path, pretrained_checkpoint, overrides, message):
+    cfg = sweep_config(tmp_path, pretrained_checkpoint, *overrides)
     with pytest.raises(MPQError, match=message):
         validate_config(cfg)  # what `mpq sweep` does first (types and ranges: framework.config)
         run_sweep(cfg)

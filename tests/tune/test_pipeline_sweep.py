@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import read_json, run_mpq
+from tests.conftest import assert_one_error_line, policy_layers, read_json, run_mpq
 
 TWO_SEEDS = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.scheduler.name=fifo", "tune.num_cpus=2",
              "search.quant.fused=false"]
@@ -14,14 +12,7 @@ TWO_SEEDS = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.schedul
 
 def test_sweep_without_a_checkpoint_is_one_clear_line(tmp_path):
     proc = run_mpq("sweep", f"hydra.run.dir={tmp_path}", "tracking.enabled=false")
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mpq sweep: error:") and "init_checkpoint=" in lines[0], proc.stderr
-    assert read_json(tmp_path / "result.json")["status"] == "error"
-
-
-def _layers(path: str | Path) -> list:
-    return read_json(Path(path))["layers"]
+    assert_one_error_line(proc, "sweep", "init_checkpoint=", run_dir=tmp_path)
 
 
 @pytest.mark.slow  # ~90 s (pretrain, a 2-trial sweep, 2 fine-tunings): `make test-all`
@@ -42,11 +33,11 @@ def test_pipeline_with_a_sweep_finetunes_the_top_k_policies(tmp_path):
     # each fine-tuning ran its own policy, and each evaluation scored its own fine-tuned checkpoint
     for suffix, chosen in (("", sweep["artifacts"]["policy"]), ("_top2", top[1]["policy"])):
         fine = read_json(tmp_path / f"finetune{suffix}" / "result.json")
-        assert _layers(fine["artifacts"]["policy"]) == _layers(chosen)
+        assert policy_layers(fine["artifacts"]["policy"]) == policy_layers(chosen)
         evaluated = read_json(tmp_path / f"evaluate{suffix}" / "result.json")
         assert evaluated["config"]["checkpoint"] == fine["artifacts"]["checkpoint"]
         assert evaluated["metrics"]["top1"] == fine["metrics"]["top1"]
-    assert _layers(sweep["artifacts"]["policy"]) == _layers(top[0]["policy"])
+    assert policy_layers(sweep["artifacts"]["policy"]) == policy_layers(top[0]["policy"])
     assert result["metrics"]["top1"] == read_json(tmp_path / "evaluate" / "result.json")["metrics"]["top1"]
     assert result["finetuned"][1]["top1"] == read_json(tmp_path / "evaluate_top2" / "result.json")["metrics"]["top1"]
     for text in ("Ray Tune sweep", "2 of 2 trials finished", "best on the proxy first", "sweep/pareto.png"):
