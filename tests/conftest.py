@@ -174,6 +174,16 @@ def pretrained_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory):
+    """`mpq pipeline experiment=smoke`, run once for the session (the command test and the
+    experiment test both check it): its run directory, Aim repository, overrides and the process."""
+    base = tmp_path_factory.mktemp("smoke_pipeline")
+    overrides = ["experiment=smoke", f"tracking.repo={base / 'aim'}"]
+    proc = run_mpq("pipeline", *overrides, f"hydra.run.dir={base / 'run'}")
+    return {"run_dir": base / "run", "aim_repo": base / "aim", "overrides": overrides, "proc": proc}
+
+
+@pytest.fixture(scope="session")
 def pretrained_checkpoint(pretrained_run) -> str:
     """`checkpoints/last` of the session's pretrained run."""
     return pretrained_run["result"]["artifacts"]["checkpoint"]

@@ -79,8 +79,8 @@ def test_unknown_stage():
     assert_one_error_line(proc, None, "unknown stage 'train'", "pretrain")
 
 
-def test_pipeline_runs_every_stage_and_prints_a_summary(tmp_path):
-    proc = run_mpq("pipeline", "experiment=smoke", f"hydra.run.dir={tmp_path}", f"tracking.repo={tmp_path / 'aim'}")
+def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
+    proc, tmp_path = smoke_pipeline["proc"], smoke_pipeline["run_dir"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = read_result(tmp_path)
     assert result["status"] == "ok"

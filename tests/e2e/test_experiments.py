@@ -1,7 +1,8 @@
 """Every experiment in conf/experiment/ composes and runs end to end: `mpq pipeline experiment=<name>`
 in a subprocess, shrunk to a few steps of every stage (as lightning-hydra-template runs each of its
 experiment configs). The run must be the config Hydra's compose API gives for the same overrides,
-with every value the experiment file sets that the shrink leaves alone."""
+with every value the experiment file sets that the shrink leaves alone. `smoke` is small already: it
+runs unshrunk, once per session (the `smoke_pipeline` fixture, which the command test also checks)."""
 
 import pytest
 import yaml
@@ -19,6 +20,7 @@ SHRINK = [
     "data.test_fraction=0.02", "proxy.fraction=0.01", "proxy.test_fraction=0.02", "data.num_workers=0",
 ]
 SLOW: set[str] = set()  # experiments too slow on 2 cores even shrunk (none so far)
+SMOKE_STEPS = {"pretrain": 20, "search": 6, "finetune": 6}  # conf/experiment/smoke.yaml's own max_steps
 
 
 def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
@@ -33,8 +35,14 @@ def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])
-def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path, name):
-    overrides = [f"experiment={name}", *SHRINK, f"tracking.repo={tmp_path / 'aim'}"]
+def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path, name, request):
+    if name == "smoke":
+        shared = request.getfixturevalue("smoke_pipeline")
+        overrides, run_dir, aim_repo, steps = shared["overrides"], shared["run_dir"], shared["aim_repo"], SMOKE_STEPS
+        assert shared["proc"].returncode == 0, shared["proc"].stderr[-2000:]
+    else:
+        run_dir, aim_repo, steps = tmp_path / "run", tmp_path / "aim", STEPS
+        overrides = [f"experiment={name}", *SHRINK, f"tracking.repo={aim_repo}"]
     cfg = compose_config("pipeline", overrides)
     written = _leaves(yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()))
     shrunk = {item.split("=", 1)[0] for item in overrides}
@@ -43,19 +51,19 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     for key, value in kept.items():
         assert OmegaConf.select(cfg, key) == value, key
 
-    result = run_stage("pipeline", tmp_path / "run", *overrides)
+    result = read_result(run_dir) if name == "smoke" else run_stage("pipeline", run_dir, *overrides)
     # the command ran exactly the composed config (run_dir is Hydra's output folder, set by `mpq`)
     ran = result["config"]
     expected = OmegaConf.to_container(cfg, resolve=True)
-    assert ran.pop("run_dir") == str(tmp_path / "run") and expected.pop("run_dir") is None
+    assert ran.pop("run_dir") == str(run_dir) and expected.pop("run_dir") is None
     assert ran == expected
 
     assert [row["stage"] for row in result["stages"]] == ["pretrain", "search", "finetune", "evaluate"]
-    stages = {row["stage"]: read_result(tmp_path / "run" / row["stage"]) for row in result["stages"]}
-    for stage, steps in STEPS.items():
-        assert stages[stage]["metrics"]["steps"] == steps, stage
+    stages = {row["stage"]: read_result(run_dir / row["stage"]) for row in result["stages"]}
+    for stage, count in steps.items():
+        assert stages[stage]["metrics"]["steps"] == count, stage
     assert stages["finetune"]["config"]["init_checkpoint"] == stages["pretrain"]["artifacts"]["checkpoint"]
     assert stages["evaluate"]["config"]["checkpoint"] == stages["finetune"]["artifacts"]["checkpoint"]
     assert result["metrics"]["top1"] == stages["evaluate"]["metrics"]["top1"]
     assert {stage["config"]["experiment_name"] for stage in stages.values()} == {cfg.experiment_name}
-    assert all(stage["tracking"]["repo"] == str(tmp_path / "aim") for stage in stages.values())
+    assert all(stage["tracking"]["repo"] == str(aim_repo) for stage in stages.values())
