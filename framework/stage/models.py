@@ -74,6 +74,9 @@ def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
         geometry = checkpoint_geometry(ckpt, cfg)
         layers = trace_layers(model, geometry.input_size, geometry.in_channels)
         validate_policy(policy, meta["name"], layers, f"the policy in checkpoint {ckpt.path}")
-        quantize_with_policy(model, policy, OmegaConf.create(quant["config"]), layers)
+        # a checkpoint's quantizer config wins; keys added to the `quant` group since it was written
+        # (e.g. `fused`) take today's values, so older quantized checkpoints still load
+        qcfg = OmegaConf.merge(OmegaConf.to_container(cfg.quant, resolve=True), quant["config"])
+        quantize_with_policy(model, policy, qcfg, layers)
     load_model_state(model, ckpt)
     return model, policy, layers

@@ -111,8 +111,10 @@ def test_evaluate_under_a_policy_reports_top1_bitops_and_size(pretrained_run, pr
     assert (tmp_path / "policy.png").exists()
 
 
-def test_evaluate_a_quantized_checkpoint(pretrained_checkpoint, tmp_path):
-    """A checkpoint saved with its policy and LSQ state scores the same through `mpq evaluate`."""
+@pytest.mark.parametrize("missing", [(), ("fused",)], ids=["whole", "written_before_fused"])
+def test_evaluate_a_quantized_checkpoint(pretrained_checkpoint, tmp_path, missing):
+    """A checkpoint saved with its policy and LSQ state scores the same through `mpq evaluate`, also
+    one whose quantizer config predates a key of the `quant` group."""
     from framework.data import build_dataset, build_loader
     from tests.conftest import compose_config
 
@@ -132,7 +134,10 @@ def test_evaluate_a_quantized_checkpoint(pretrained_checkpoint, tmp_path):
     with torch.no_grad():
         model(next(iter(loader))[0])  # initialise LSQ steps
     expected = evaluate(model, loader, torch.device("cpu"))["top1"]
-    save_checkpoint(tmp_path / "q", model, {**source.meta, "quant": quant_meta(policy, qcfg)})
+    meta = quant_meta(policy, qcfg)
+    for key in missing:
+        del meta["config"][key]
+    save_checkpoint(tmp_path / "q", model, {**source.meta, "quant": meta})
 
     result = run_stage("evaluate", tmp_path / "r", f"checkpoint={tmp_path / 'q'}", "data.test_fraction=0.1", "tracking.enabled=false")
     assert result["quantized"] is True
