@@ -21,6 +21,9 @@ from framework.stages.finetune import run_finetune
 from framework.stages.pretrain import run_pretrain
 from framework.tune.sweep import run_sweep
 
+#: the policy a searched one is compared with (`pipeline.baseline`): the highest uniform W/A within the budget
+BASELINE_POLICY = "uniform-budget"
+
 
 def run_pipeline(cfg: DictConfig) -> Result:
     """The default run, each stage in its own sub-folder, then one summary table.
@@ -33,7 +36,10 @@ def run_pipeline(cfg: DictConfig) -> Result:
     best policies under the budget (by proxy top-1): the first in `finetune/` and `evaluate/`, the
     others in `finetune_top<i>/` and `evaluate_top<i>/`. The summary's headline is the sweep's
     selected policy (the best on the proxy); the others are listed beside it, since picking among
-    them by their test top-1 would select on the test split.
+    them by their test top-1 would select on the test split. With `pipeline.baseline` (the default)
+    the `uniform-budget` policy (the highest uniform W/A within the search's budget) is fine-tuned
+    and evaluated the same way in `finetune_baseline/` and `evaluate_baseline/`, and the summary
+    shows it beside the searched policy.
     """
     stage = "pipeline"
     run_dir = run_directory(cfg, stage)
@@ -79,6 +85,17 @@ def run_pipeline(cfg: DictConfig) -> Result:
             ev = evaluated
             artifacts.update(fp_checkpoint=fp_checkpoint, checkpoint=fine.artifacts["checkpoint"])
 
+    baseline = None
+    if cfg.pipeline.baseline and policy_stage is not None:
+        # the same fine-tuning of the highest uniform bits within the same budget: did the search help?
+        fine = timed("finetune_baseline", run_finetune, sub_config(
+            cfg, run_dir / "finetune_baseline", init_checkpoint=fp_checkpoint, policy=BASELINE_POLICY))
+        evaluated = timed("evaluate_baseline", run_evaluate,
+                          sub_config(cfg, run_dir / "evaluate_baseline", checkpoint=fine.artifacts["checkpoint"]))
+        baseline = {"policy": BASELINE_POLICY, "checkpoint": fine.artifacts["checkpoint"],
+                    **{k: evaluated.metrics.get(k) for k in ("top1", "gbitops", "size_mb", "avg_w_bits", "avg_a_bits")}}
+        artifacts["baseline_checkpoint"] = fine.artifacts["checkpoint"]
+
     metrics = {
         "fp_top1": pre.metrics["top1"],
         "top1": ev.metrics["top1"],
@@ -92,12 +109,16 @@ def run_pipeline(cfg: DictConfig) -> Result:
     extra: dict[str, Any] = {"stages": [{"stage": r["stage"], "seconds": r["seconds"]} for r in rows], "run_dir": str(run_dir)}
     if policy_stage is not None:
         metrics["proxy_top1"] = rows[1]["metrics"].get("proxy_top1")
+    if baseline is not None:
+        metrics.update(baseline_top1=baseline["top1"], baseline_gbitops=baseline["gbitops"],
+                       baseline_size_mb=baseline["size_mb"], top1_minus_baseline=ev.metrics["top1"] - baseline["top1"])
+        extra["baseline"] = baseline
     if policy_stage == "sweep":
         metrics["selected_trial"] = rows[1]["metrics"]["selected_trial"]
         extra["finetuned"] = candidates
     result = Result(stage, metrics=metrics, artifacts=artifacts, extra=extra)
     write_result(run_dir, result, cfg)
-    print(format_summary(cfg, metrics, rows, run_dir, policy_stage, candidates))
+    print(format_summary(cfg, metrics, rows, run_dir, policy_stage, candidates, baseline))
     return result
 
 
@@ -114,7 +135,8 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
 
 
 def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path,
-                   policy_stage: str | None = "search", candidates: list[dict[str, Any]] | None = None) -> str:
+                   policy_stage: str | None = "search", candidates: list[dict[str, Any]] | None = None,
+                   baseline: dict[str, Any] | None = None) -> str:
     """The table `mpq pipeline` prints at the end."""
     method = {None: "fixed policy", "search": str(cfg.search.method)}.get(policy_stage, "Ray Tune sweep")
     lines = [
@@ -124,6 +146,19 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         f"  policy                 W {metrics['avg_w_bits']:.2f} / A {metrics['avg_a_bits']:.2f} bits on average "
         f"(searched layers, MAC-weighted), {metrics['gbitops']:.4f} GBitOps, {metrics['size_mb']:.4f} MB",
         f"  quantized top-1        {100 * metrics['top1']:6.2f} %",
+    ]
+    if baseline is not None:
+        lines += [
+            "",
+            f"  {'policy':<28}{'W/A bits':>12}{'GBitOps':>10}{'size MB':>9}{'top-1':>10}",
+            f"  {'searched (' + method + ')':<28}{metrics['avg_w_bits']:>6.2f}/{metrics['avg_a_bits']:<5.2f}"
+            f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * metrics['top1']:>8.2f} %",
+            f"  {'uniform-budget (baseline)':<28}{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
+            f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline['top1']:>8.2f} %",
+            f"  searched minus baseline: {100 * (metrics['top1'] - baseline['top1']):+.2f} points (one seed: "
+            f"`mpq study` gives the seed spread)",
+        ]
+    lines += [
         "",
         f"  {'stage':<14}{'time (s)':>10}   result",
     ]

@@ -113,6 +113,12 @@ def _task(cfg) -> None:
         if cfg.launcher.name == "slurm" and _inside_hydra_slurm_job():
             with open_dict(cfg):  # Hydra's submitit launcher ran this sweep point as a Slurm job
                 cfg.resume = True  # a requeued job continues from its checkpoint
+        elif cfg.launcher.name == "slurm" and get_stage(stage).dispatches:
+            from launchers.slurm import submit_runs
+
+            overrides = list(HydraConfig.get().overrides.task)
+            get_stage(stage).function(cfg, launch=lambda jobs: submit_runs(cfg, stage, overrides, jobs, main))
+            return
         elif cfg.launcher.name == "slurm":
             from launchers.slurm import submit_stage
 

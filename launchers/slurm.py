@@ -61,14 +61,11 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.overrides, self.run_dir, self.entry))
 
 
-def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Callable[[list[str]], int]) -> None:
-    """Submit `stage` as a Slurm job that runs `entry(argv)` (the `mpq` command's `main`); with
-    `launcher.wait`, wait and check how it ended."""
+def _executor(cfg, stage: str, folder: Path):
     import submitit
 
     lcfg = cfg.launcher
-    run_dir = Path(run_dir).resolve()
-    executor = submitit.AutoExecutor(folder=str(run_dir / "slurm"), cluster="slurm")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params: dict[str, Any] = {
         "name": f"mpq-{stage}",
         "timeout_min": int(lcfg.timeout_min),
@@ -80,26 +77,62 @@ def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Ca
     if lcfg.partition:
         params["slurm_partition"] = str(lcfg.partition)
     executor.update_parameters(**params)
+    return executor
+
+
+def _submit(executor, job: StageJob):
     try:
-        job = executor.submit(StageJob(stage, overrides, str(run_dir), entry))
+        return executor.submit(job)
     except Exception as err:  # sbatch missing, no controller, bad partition
         raise MPQError(f"could not submit the Slurm job ({type(err).__name__}: {str(err).strip().splitlines()[-1]}); "
                        f"is the cluster reachable (sinfo)?") from None
-    print(f"mpq {stage}: submitted Slurm job {job.job_id} (logs in {run_dir / 'slurm'})", flush=True)
-    if not lcfg.wait:
-        return
-    deadline = time.time() + 60 * float(lcfg.max_wait_min or (2 * int(lcfg.timeout_min) + 5))
-    while not job.done():
+
+
+def _wait(cfg, jobs: list, where: Path) -> list[dict[str, Any]]:
+    """Wait for every job (bounded by `launcher.max_wait_min`); rank 0's result of each, or one
+    error naming the first job that was cancelled or failed."""
+    lcfg = cfg.launcher
+    minutes = lcfg.max_wait_min or (2 * int(lcfg.timeout_min) + 5) * max(1, len(jobs))  # the jobs may run one by one
+    deadline = time.time() + 60 * float(minutes)
+    while not all(job.done() for job in jobs):
         if time.time() > deadline:
-            raise MPQError(f"Slurm job {job.job_id} has not finished within launcher.max_wait_min; it is {job.state}")
+            waiting = [job.job_id for job in jobs if not job.done()]
+            raise MPQError(f"Slurm job(s) {', '.join(waiting)} have not finished within launcher.max_wait_min")
         time.sleep(float(lcfg.poll_seconds))
-    try:
-        result = job.results()[0]  # rank 0's return value: present only if the stage finished
-    except Exception:
-        state = str(job.state)
-        if state.startswith("CANCELLED"):
-            raise MPQError(f"Slurm job {job.job_id} was cancelled ({state})") from None
-        tail = [line for line in (job.stderr() or "").strip().splitlines() if line.strip()][-2:]
-        raise MPQError(f"Slurm job {job.job_id} ended {state}: {' | '.join(tail) or 'see ' + str(run_dir / 'slurm')}") from None
+    results = []
+    for job in jobs:
+        try:
+            results.append(job.results()[0])  # rank 0's return value: present only if the stage finished
+        except Exception:
+            state = str(job.state)
+            if state.startswith("CANCELLED"):
+                raise MPQError(f"Slurm job {job.job_id} was cancelled ({state})") from None
+            tail = [line for line in (job.stderr() or "").strip().splitlines() if line.strip()][-2:]
+            raise MPQError(f"Slurm job {job.job_id} ended {state}: {' | '.join(tail) or 'see ' + str(where)}") from None
+    return results
+
+
+def submit_stage(cfg, stage: str, overrides: list[str], run_dir: Path, entry: Callable[[list[str]], int]) -> None:
+    """Submit `stage` as a Slurm job that runs `entry(argv)` (the `mpq` command's `main`); with
+    `launcher.wait`, wait and check how it ended."""
+    run_dir = Path(run_dir).resolve()
+    job = _submit(_executor(cfg, stage, run_dir / "slurm"), StageJob(stage, overrides, str(run_dir), entry))
+    print(f"mpq {stage}: submitted Slurm job {job.job_id} (logs in {run_dir / 'slurm'})", flush=True)
+    if not cfg.launcher.wait:
+        return
+    result = _wait(cfg, [job], run_dir / "slurm")[0]
     print(f"mpq {stage}: Slurm job {job.job_id} finished with status {result.get('status')}; "
           f"result in {run_dir / 'result.json'}", file=sys.stderr)
+
+
+def submit_runs(cfg, stage: str, overrides: list[str], runs: list[tuple[list[str], Path]],
+                entry: Callable[[list[str]], int]) -> None:
+    """One Slurm job per run of a stage that dispatches its own runs (`mpq study`): each job runs
+    `mpq <stage> <overrides> <run overrides>` in its run folder; all are submitted, then waited for."""
+    jobs = []
+    for extra, run_dir in runs:
+        run_dir = Path(run_dir).resolve()
+        job = _submit(_executor(cfg, stage, run_dir), StageJob(stage, [*overrides, *extra], str(run_dir), entry))
+        print(f"mpq {stage}: submitted Slurm job {job.job_id} ({' '.join(extra)}; logs in {run_dir})", flush=True)
+        jobs.append(job)
+    _wait(cfg, jobs, Path(runs[0][1]).parent if runs else Path("."))

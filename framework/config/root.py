@@ -17,6 +17,7 @@ from framework.config.launcher import LocalLauncher, SlurmLauncher
 from framework.config.model import ModelConfig
 from framework.config.quant import QuantConfig
 from framework.config.search import SearchConfig
+from framework.config.study import StudyConfig
 from framework.config.tracking import TrackingConfig
 from framework.config.train import TrainConfig
 from framework.config.tune import TuneConfig
@@ -33,10 +34,12 @@ def _splits() -> tuple[str, ...]:
 
 
 class PipelineConfig(Schema):
-    """`pipeline`: a fixed policy instead of the search, or a sweep instead of it."""
+    """`pipeline`: a fixed policy instead of the search, or a sweep instead of it; the uniform
+    baseline within the same budget fine-tuned beside the searched policy."""
 
     policy: Text | None
     sweep: Flag
+    baseline: Flag
 
 
 class PrepareConfig(Schema):
@@ -77,6 +80,7 @@ class RootConfig(Schema):
     tune: TuneConfig | None = None  # absent from a sweep trial's config only
     launcher: Annotated[LocalLauncher | SlurmLauncher, Field(discriminator="name")] | None = None  # likewise
     dist: DistConfig
+    study: StudyConfig | None = None  # `mpq study study=<name>` only
 
     @field_validator("device", mode="after")
     @classmethod

@@ -135,6 +135,11 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     candidates = {n: (m.w_candidates, m.a_candidates) for n, m in model.named_modules()
                   if isinstance(m, (SearchConv2d, SearchLinear))}
     tracker = open_tracker(cfg, stage)
+    rho_trace: list[tuple[int, float]] = []  # the two-pass rule's radius at every two-pass step (ASGA's adapts)
+
+    def on_step(step: int, loss: float, top1: float, info: dict[str, float]) -> None:
+        if "rho" in info:
+            rho_trace.append((step, float(info["rho"])))
 
     def on_epoch_end(epoch: int, entry: dict[str, Any]) -> None:
         entry.update(expected_gbitops=float(expected_bitops(model).detach()) / 1e9, **{
@@ -163,7 +168,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
             model, Loaders(train_loader, val_loader), searcher,
             FitPlan(total_steps, device, run_dir / "checkpoints", meta, tracker=tracker, val_every=1, val_subset="proxy",
                     checkpoint_every=int(cfg.checkpoint_every or 0)),
-            hooks=[Callbacks(on_epoch_end=on_epoch_end)], resume=resume.training_state if resume is not None else None,
+            hooks=[Callbacks(on_step=on_step, on_epoch_end=on_epoch_end)], resume=resume.training_state if resume is not None else None,
         )
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}
@@ -208,12 +213,14 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         "avg_a_bits": average["a_bits"],
         "uniform": len(searched_bits) <= 1,
         "steps": fitted.steps,
+        "images_processed": searcher.images_processed,  # forward passes x images: two passes count twice
         "seconds": round(time.time() - started, 2),
     }
     if rule is not None:
         metrics["rho"] = rule.rho
     artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
     result = Result(stage, metrics=metrics, artifacts=artifacts,
-                    extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info()})
+                    extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info(),
+                           "rho_trace": rho_trace})
     write_result(run_dir, result, cfg)
     return result

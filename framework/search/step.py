@@ -60,6 +60,7 @@ class SearchStep:
             self.margin_loss = CenterMarginLoss(num_classes, dim, float(scfg.margin.margin), float(scfg.margin.momentum)).to(device)
         self.criterion = nn.CrossEntropyLoss()
         self.last_terms: dict[str, float] = {}
+        self.images_processed = 0  # forward passes x batch size: a two-pass step counts its images twice
 
     def schedule(self, total_steps: int) -> None:
         """Cosine decay of the weights' learning rate over `total_steps` (the logits keep theirs)."""
@@ -97,6 +98,7 @@ class SearchStep:
             return loss
 
         info = self.two_pass.step(closure, before_update=self._add_complexity_gradient)
+        self.images_processed += len(images) * len(outputs)
         if self.scheduler is not None:
             self.scheduler.step()
         if self.rule is not None and "rho" in info:
@@ -106,7 +108,8 @@ class SearchStep:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict(),
-                "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None}
+                "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None,
+                "images_processed": self.images_processed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt_w.load_state_dict(state["optimizer_w"])
@@ -114,6 +117,7 @@ class SearchStep:
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         self.two_pass.load_state_dict(state["two_pass"])
+        self.images_processed = int(state.get("images_processed", 0))
         if self.margin_loss is not None and state.get("margin"):
             self.margin_loss.load_state_dict(state["margin"])
 

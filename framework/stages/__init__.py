@@ -19,13 +19,16 @@ from framework.errors import MPQError
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage of the `mpq` command: its name, where its function lives, one line of help, and
-    whether `dist.nproc > 1` starts several processes for it (training stages only)."""
+    """A stage of the `mpq` command: its name, where its function lives, one line of help,
+    whether `dist.nproc > 1` starts several processes for it (training stages only), and whether it
+    submits its own runs with `launcher=slurm` (its function then takes `launch=`) instead of
+    running as one Slurm job."""
 
     name: str
     target: str
     help: str
     distributed: bool = False
+    dispatches: bool = False
 
     @property
     def function(self) -> Callable:
@@ -47,6 +50,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("evaluate", "framework.stages.evaluate:run_evaluate", "top-1 of a checkpoint on the target's test split"),
     Stage("cost", "framework.stages.cost:run_cost", "MACs, BitOps and size of a model under a policy, without data"),
     Stage("pipeline", "framework.pipeline:run_pipeline", "pretrain, search (or sweep), finetune, evaluate, with a summary"),
+    Stage("study", "framework.study.run:run_study",
+          "every row and seed of a transfer study (study=<name>), then study.json and study.md", dispatches=True),
 )}
 
 

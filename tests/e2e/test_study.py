@@ -1,0 +1,107 @@
+"""`mpq study`: every row and seed as the existing stages, a report whose numbers are the runs'
+numbers, and a resume that recomputes nothing that finished."""
+
+from __future__ import annotations
+
+import signal
+from statistics import mean, stdev
+
+import pytest
+
+from framework.study.report import compare
+from tests.conftest import assert_one_error_line, read_json, read_result, run_mpq, start_mpq, wait_for
+
+ROWS = ("uniform-budget", "random", "asga-mnist")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory, pretrained_checkpoint):
+    """`mpq study study=smoke`, interrupted after its first finished run, then run again to the end."""
+    base = tmp_path_factory.mktemp("study")
+    folder = base / "study"
+    args = ("study=smoke", f"study.init_checkpoint={pretrained_checkpoint}", f"tracking.repo={base / 'aim'}",
+            f"hydra.run.dir={folder}")
+    proc = start_mpq("study", *args)
+    wait_for(lambda: any(folder.glob("runs/*/*/run.json")), proc, timeout=900, what="the study's first run")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    finished = {path: path.stat().st_mtime_ns for path in folder.glob("runs/*/*/run.json")}
+    resumed = run_mpq("study", *args, timeout=1800)
+    return {"folder": folder, "args": args, "interrupted": proc, "finished": finished, "resumed": resumed}
+
+
+def test_interrupted_study_resumes_without_recomputing_finished_runs(smoke_study):
+    assert smoke_study["interrupted"].returncode != 0  # it was stopped, not finished
+    finished, resumed = smoke_study["finished"], smoke_study["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 0 < len(finished) < len(ROWS) * len(SEEDS)
+    assert f"{len(finished)} finished before" in resumed.stdout
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
+    assert f"{len(ROWS) * len(SEEDS)}/{len(ROWS) * len(SEEDS)} runs done" in resumed.stdout
+
+
+def test_rerunning_a_finished_study_recomputes_nothing_and_gives_the_same_study_json(smoke_study):
+    folder = smoke_study["folder"]
+    before = (folder / "study.json").read_bytes()
+    runs = {path: path.stat().st_mtime_ns for path in folder.glob("runs/*/*/*/result.json")}
+    again = run_mpq("study", *smoke_study["args"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(ROWS) * len(SEEDS)} finished before" in again.stdout
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("runs/*/*/*/result.json")} == runs
+    assert (folder / "study.json").read_bytes() == before
+
+
+def test_study_json_holds_every_run_and_its_numbers_are_the_runs_numbers(smoke_study):
+    folder = smoke_study["folder"]
+    report = read_json(folder / "study.json")
+    assert [row["name"] for row in report["rows"]] == list(ROWS)
+    for row in report["rows"]:
+        assert row["seeds"] == list(SEEDS)
+        top1 = [read_result(folder / run / "evaluate")["metrics"]["top1"] for run in row["runs"]]
+        assert row["top1_mean"] == pytest.approx(mean(top1))
+        assert row["top1_std"] == pytest.approx(stdev(top1))
+        landscape = [read_result(folder / run / "landscape")["metrics"]["hessian_max_eig"] for run in row["runs"]]
+        assert row["hessian_max_eig_mean"] == pytest.approx(mean(landscape))
+    searched = next(row for row in report["rows"] if row["name"] == "asga-mnist")
+    assert searched["search_images_mean"] > 0 and searched["search_compute_rel"] == pytest.approx(1.0)
+    assert (folder / "study.md").is_file()
+    for figure in report["figures"].values():
+        assert (folder / figure).stat().st_size > 0
+    markdown = (folder / "study.md").read_text()
+    for row in report["rows"]:
+        assert f"| {row['label']} |" in markdown
+        assert f"{100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f}" in markdown
+
+
+def test_every_policy_of_the_study_meets_its_budget_and_random_differs_by_seed(smoke_study):
+    report = read_json(smoke_study["folder"] / "study.json")
+    for run in report["runs"]:
+        assert run["bitops"] <= run["policy_budget"]["bitops"] * (1 + 1e-9), run["dir"]
+    randoms = [run["policy"] for run in report["runs"] if run["row"] == "random"]
+    assert len(randoms) == 2 and randoms[0] != randoms[1]
+
+
+def test_asga_rows_record_the_radius_they_searched_with(smoke_study):
+    report = read_json(smoke_study["folder"] / "study.json")
+    for run in report["runs"]:
+        if run["row"] == "asga-mnist":
+            trace = run["search"]["rho_trace"]
+            assert 0 < len(trace) <= run["search"]["steps"]  # every two-pass step (after a resume: from there on)
+            assert all(0.01 - 1e-12 <= rho <= 0.3 + 1e-12 for _, rho in trace)  # ASGA's radius range (conf/search/dnas.yaml)
+    assert "radius" in report["figures"]
+
+
+def test_a_difference_inside_the_seed_spread_is_no_difference():
+    a = {"name": "a", "top1_mean": 0.80, "top1_std": 0.01}
+    assert compare(a, {"name": "b", "top1_mean": 0.79, "top1_std": 0.005})["verdict"] == "no difference"
+    assert compare(a, {"name": "b", "top1_mean": 0.75, "top1_std": 0.01})["verdict"] == "better"
+    assert compare(a, {"name": "b", "top1_mean": 0.85, "top1_std": 0.01})["verdict"] == "worse"
+
+
+def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
+    proc = run_mpq("study", f"hydra.run.dir={tmp_path / 'none'}")
+    assert_one_error_line(proc, "study", "study=<name>")
+    proc = run_mpq("study", "study=smoke", "+study.rows.0.search=dnas", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert_one_error_line(proc, "study", "uniform-budget", "exactly one of")
