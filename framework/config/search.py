@@ -42,6 +42,7 @@ class SearchConfig(Schema):
     batch_size: whole(1) | None
     lr_weights: number(0)
     lr_logits: number(0)
+    logit_optimizer: one_of(("sgd", "adam"))
     momentum: between(0, 1)
     weight_decay: number(0)
     logit_weight_decay: number(0)

@@ -43,8 +43,12 @@ class SearchStep:
         weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
         self.opt_w = torch.optim.SGD(weights, lr=float(scfg.lr_weights), momentum=float(scfg.momentum),
                                      weight_decay=float(scfg.weight_decay))
-        self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
-                                     weight_decay=float(scfg.logit_weight_decay))
+        if str(scfg.logit_optimizer) == "adam":  # a step of ~lr per logit whatever the gradient's scale (DARTS)
+            self.opt_a = torch.optim.Adam(self.logits, lr=float(scfg.lr_logits), betas=(0.5, 0.999),
+                                          weight_decay=float(scfg.logit_weight_decay))
+        else:
+            self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
+                                         weight_decay=float(scfg.logit_weight_decay))
         self.scheduler = None
         sharp = scfg.sharpness
         try:
