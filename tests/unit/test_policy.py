@@ -16,6 +16,7 @@ from framework.policy import (
     cost_at,
     derive_bits,
     make_policy,
+    policy_from_dict,
     random_bits,
     read_policy,
     repair,
@@ -82,6 +83,10 @@ BAD_POLICIES = {
     "broken_budget": (lambda d: d.update(budget={"bitops": 1e6, "at": "target"}),
                       ["breaks its budget", "budget 0.0010 GBitOps", "lower some layers' bits or raise budget.bitops"]),
     "budget_met_only_on_paper": (_lie_about_the_cost, ["breaks its budget", "lower some layers' bits or raise budget.bitops"]),
+    "broken_size_budget": (lambda d: d.update(budget={"size_mb": 1e-3, "at": "target"}),
+                           ["breaks its budget", "> budget 0.0010 MB", "raise budget.size_mb"]),
+    "budget_without_a_limit": (lambda d: d.update(budget={"at": "target"}),
+                               ["malformed", "field 'budget'", "bitops, size_mb or both"]),
     "budget_without_its_cost": (lambda d: d.update(budget={"bitops": 1e12, "at": "proxy"}),
                                 ["budget at the proxy resolution", "no cost.proxy"]),
     "misspelt_key": (lambda d: d["layers"]["conv1"].update(w_bit=d["layers"]["conv1"].pop("w_bits")),
@@ -144,6 +149,14 @@ def test_budget_is_checked_on_measured_cost_not_the_written_one(tmp_path):
     validate_policy(policy, "resnet8", LAYERS)  # the file's own numbers hold...
     with pytest.raises(MPQError, match="breaks its budget"):  # ...the measured ones do not
         validate_policy(policy, "resnet8", LAYERS, recompute=lambda s, c: cost_at(LAYERS, policy.bits(), TOTAL, s, c))
+
+
+def test_old_policy_files_with_a_bitops_budget_read():
+    data = json.loads(_policy(uniform_bits(LAYERS, 4, 4, FIXED, 8)).to_json())
+    data["budget"] = {"bitops": 1e9, "at": "target"}  # as written before budget.size_mb existed
+    policy = policy_from_dict(data)
+    assert policy.budget.bitops == 1e9 and policy.budget.size_mb is None
+    validate_policy(policy, "resnet8", LAYERS)
 
 
 def test_random_policies_are_seeded_and_meet_the_budget():
