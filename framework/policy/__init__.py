@@ -2,7 +2,7 @@
 search or a baseline (:mod:`~framework.policy.bits`), the budget from the config
 (:mod:`~framework.policy.budget`) and the exact fit of a policy to it (:mod:`~framework.policy.knapsack`)."""
 
-from framework.policy.bits import derive_bits, parse_uniform, random_bits, repair, uniform_bits
+from framework.policy.bits import derive_bits, parse_uniform, random_bits, uniform_bits
 from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
 from framework.policy.knapsack import DEFAULT_FILL, fit_to_budget, log_probability
 from framework.policy.schema import (
@@ -38,7 +38,6 @@ __all__ = [
     "policy_from_dict",
     "random_bits",
     "read_policy",
-    "repair",
     "SCHEMA",
     "uniform_bits",
     "uniform_budget_bitops",

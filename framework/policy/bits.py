@@ -1,12 +1,11 @@
-"""Per-layer bits: from a search (:func:`derive_bits`, argmax of the logits per layer, with an
-optional budget :func:`repair`), or from the baselines :func:`uniform_bits` (`policy=uniform:W/A`,
+"""Per-layer bits: from a search (:func:`derive_bits`, the argmax of the logits per layer, fitted to
+a budget by :func:`framework.policy.knapsack.fit_to_budget`), or from the baselines :func:`uniform_bits` (`policy=uniform:W/A`,
 :func:`parse_uniform`) and :func:`random_bits` (seeded, under a budget).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -96,51 +95,3 @@ def derive_bits(model) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, 
         elif hasattr(module, "mpq_fixed_bits"):  # a fixed layer kept in full precision
             bits[name] = tuple(module.mpq_fixed_bits)
     return bits, probs
-
-
-def repair(
-    layers: list[LayerCost], bits: dict[str, tuple[int, int]], probs: dict[str, dict[str, list[float]]],
-    candidates: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], budget_bitops: float,
-    joint: set[str] | frozenset[str] = frozenset(),
-) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
-    """Lower bits until `BitOps <= budget`: at each step, the one-candidate drop (weights or
-    activations of one searched layer; both at once for layers in `joint`) that loses the least
-    probability mass `p(current) - p(lower)`; ties go to the larger BitOps saving. Candidate
-    sets are in ascending order (as the searchable layers keep them)."""
-    bits = dict(bits)
-    macs = {layer.name: layer.macs for layer in layers}
-    before = _bitops(layers, bits)
-    steps = []
-    while _bitops(layers, bits) > budget_bitops:
-        best = None
-        for name, (cw, ca) in candidates.items():
-            w, a = bits[name]
-            for side, value, cands, p in ((0, w, cw, probs[name]["w"]), (1, a, ca, probs[name]["a"])):
-                i = cands.index(value)
-                if i == 0:
-                    continue
-                loss = p[i] - p[i - 1]
-                lower = cands[i - 1]
-                if name in joint:
-                    if side == 1:
-                        continue
-                    saving = macs[name] * (value * value - lower * lower)
-                    side = 2
-                else:
-                    saving = macs[name] * ((value - lower) * (a if side == 0 else w))
-                key = (loss, -saving)
-                if best is None or key < best[0]:
-                    best = (key, name, side, lower)
-        if best is None:
-            raise MPQError(
-                f"budget {budget_bitops / 1e9:.4f} GBitOps is impossible: every searched layer is at its "
-                f"lowest candidate and the policy still costs {_bitops(layers, bits) / 1e9:.4f} GBitOps; raise the budget"
-            )
-        _, name, side, lower = best
-        w, a = bits[name]
-        bits[name] = {0: (lower, a), 1: (w, lower), 2: (lower, lower)}[side]
-        steps.append({"layer": name, "side": {0: "w", 1: "a", 2: "wa"}[side], "to": lower})
-    return bits, {
-        "applied": bool(steps), "steps": steps, "bitops_before": before, "bitops_after": _bitops(layers, bits),
-        "budget_bitops": budget_bitops,
-    }

@@ -1,9 +1,10 @@
-"""The policy file: round trip, validation against a model, derivation, repair and baselines.
+"""The policy file: round trip, validation against a model, derivation, the fit to a budget and baselines.
 
 Every kind of bad policy runs here, in-process, through the function `mpq cost`, `mpq evaluate` and
 `mpq finetune` resolve `policy=` with; tests/e2e/test_quant_cli.py runs one bad policy per command
 for the one-line error contract."""
 
+import functools
 import json
 
 import pytest
@@ -13,13 +14,14 @@ from framework.errors import MPQError
 from framework.models import create_model
 from framework.policy import (
     Budget,
+    budget_from_config,
     cost_at,
     derive_bits,
+    fit_to_budget,
     make_policy,
     policy_from_dict,
     random_bits,
     read_policy,
-    repair,
     uniform_bits,
     validate_policy,
     write_policy,
@@ -173,6 +175,17 @@ def test_random_policies_are_seeded_and_meet_the_budget():
         random_bits(LAYERS, [2, 4], [2, 4], FIXED, 8, budget_bitops=1000.0, seed=0)
 
 
+@functools.cache
+def _config(overrides: tuple[str, ...] = ()):
+    """The finetune config with `overrides` (composed once; the tests only read it)."""
+    return compose_config("finetune", list(overrides))
+
+
+def _budget(overrides=()):
+    cfg = _config(tuple(overrides))
+    return budget_from_config(cfg.search, LAYERS, FIXED, 8)
+
+
 def _supernet():
     model = create_model("resnet8", num_classes=10, in_channels=1)
     build_supernet(model, trace_layers(model, 28, 1), compose_config("pretrain", ["quant=minmax"]).quant)
@@ -190,7 +203,7 @@ def test_derive_is_the_argmax_of_the_logits():
     assert probs["layer1.0.conv1"]["w"][2] == pytest.approx(max(probs["layer1.0.conv1"]["w"]))
 
 
-def test_repair_meets_the_budget_dropping_the_least_probable_mass():
+def test_the_search_fit_meets_and_fills_the_budget_and_keeps_an_argmax_within_it():
     model = _supernet()
     torch.manual_seed(0)
     for module in model.modules():
@@ -201,14 +214,17 @@ def test_repair_meets_the_budget_dropping_the_least_probable_mass():
     bits, probs = derive_bits(model)
     candidates = {n: (m.w_candidates, m.a_candidates) for n, m in model.named_modules() if isinstance(m, SearchConv2d)}
     before = cost_at(LAYERS, bits, TOTAL, 28, 1).bitops
-    budget = 0.6 * before
-    fixed_bits, record = repair(LAYERS, bits, probs, candidates, budget)
-    assert record["applied"] and record["bitops_after"] <= budget < record["bitops_before"] == before
-    assert cost_at(LAYERS, fixed_bits, TOTAL, 28, 1).bitops <= budget
-    untouched, record2 = repair(LAYERS, bits, probs, candidates, 2 * before)
+    budget = _budget(["search.budget_uniform_bits=3"])
+    assert budget.bitops < before
+    fitted, record = fit_to_budget(LAYERS, bits, probs, candidates, budget, TOTAL)
+    after = cost_at(LAYERS, fitted, TOTAL, 28, 1).bitops
+    assert 0.97 * budget.bitops <= after <= budget.bitops
+    assert record["applied"] and record["method"] == "milp" and record["bitops_before"] == before and record["fill_held"]
+    assert {name: fitted[name] for name in FIXED} == {name: bits[name] for name in FIXED}
+    untouched, record2 = fit_to_budget(LAYERS, bits, probs, candidates, _budget([f"search.budget_bitops={before}"]), TOTAL)
     assert untouched == bits and record2["applied"] is False
     with pytest.raises(MPQError, match="impossible"):
-        repair(LAYERS, bits, probs, candidates, 1000.0)
+        fit_to_budget(LAYERS, bits, probs, candidates, _budget(["search.budget_bitops=1000"]), TOTAL)
 
 
 def test_budget_model_accepts_only_known_resolutions():
