@@ -2,7 +2,15 @@
 search or a baseline (:mod:`~framework.policy.bits`), the budget from the config
 (:mod:`~framework.policy.budget`) and the exact fit of a policy to it (:mod:`~framework.policy.knapsack`)."""
 
-from framework.policy.bits import derive_bits, parse_uniform, random_bits, uniform_bits
+from framework.policy.bits import (
+    derive_bits,
+    draw_bits,
+    parse_random,
+    parse_uniform,
+    random_bits,
+    uniform_bits,
+    uniform_budget_bits,
+)
 from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
 from framework.policy.knapsack import DEFAULT_FILL, fit_to_budget, log_probability
 from framework.policy.schema import (
@@ -29,10 +37,12 @@ __all__ = [
     "CostAt",
     "DEFAULT_FILL",
     "derive_bits",
+    "draw_bits",
     "fit_to_budget",
     "LayerPolicy",
     "log_probability",
     "make_policy",
+    "parse_random",
     "parse_uniform",
     "Policy",
     "policy_from_dict",
@@ -41,6 +51,7 @@ __all__ = [
     "SCHEMA",
     "uniform_bits",
     "uniform_budget_bitops",
+    "uniform_budget_bits",
     "validate_policy",
     "write_policy",
 ]

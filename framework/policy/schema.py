@@ -127,7 +127,7 @@ def read_policy(path: str | Path) -> Policy:
     """Read and structurally validate a policy file."""
     path = Path(path)
     if not path.is_file():
-        raise MPQError(f"policy file {path} does not exist; pass policy=<path to policy.json> or policy=uniform:W/A")
+        raise MPQError(f"policy file {path} does not exist; pass policy=<path to policy.json>, uniform:W/A, random:<seed> or uniform-budget")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
