@@ -30,16 +30,16 @@ def run_pipeline(cfg: DictConfig) -> Result:
 
     pretrain (full precision, target data) -> search (policy on the proxy data, from the pretrained
     checkpoint) -> finetune (the target model under the searched policy) -> evaluate (the quantized
-    checkpoint). `pipeline.policy=uniform:W/A` (or a policy file) skips the search and fine-tunes
-    that policy instead, for baselines. `pipeline.sweep=true` runs a Ray Tune sweep (`tune.*`,
-    framework.tune) in place of the single search and fine-tunes and evaluates the `tune.top_k`
-    best policies under the budget (by proxy top-1): the first in `finetune/` and `evaluate/`, the
-    others in `finetune_top<i>/` and `evaluate_top<i>/`. The summary's headline is the sweep's
-    selected policy (the best on the proxy); the others are listed beside it, since picking among
-    them by their test top-1 would select on the test split. With `pipeline.baseline` (the default)
-    the `uniform-budget` policy (the highest uniform W/A within the search's budget) is fine-tuned
-    and evaluated the same way in `finetune_baseline/` and `evaluate_baseline/`, and the summary
-    shows it beside the searched policy.
+    checkpoint). `pipeline.policy=uniform:W/A` (or `random:<seed>`, `uniform-budget`, a policy file)
+    skips the search and fine-tunes that policy instead, for baselines. `pipeline.sweep=true` runs a
+    Ray Tune sweep (`tune.*`, framework.tune) in place of the single search and fine-tunes and
+    evaluates the `tune.top_k` best policies under the budget (by proxy top-1): the first in
+    `finetune/` and `evaluate/`, the others in `finetune_top<i>/` and `evaluate_top<i>/`. The
+    summary's headline is the sweep's selected policy (the best on the proxy); the others are listed
+    beside it, since picking among them by their test top-1 would select on the test split.
+    With `pipeline.baseline` (the default) the `uniform-budget` policy (the highest uniform W/A
+    within the search's budget) is fine-tuned and evaluated the same way in `finetune_baseline/`
+    and `evaluate_baseline/`, and the summary shows it beside the searched policy.
     """
     stage = "pipeline"
     run_dir = run_directory(cfg, stage)
@@ -124,6 +124,7 @@ def run_pipeline(cfg: DictConfig) -> Result:
 
 def _stage_note(stage: str, m: dict[str, Any]) -> str:
     if stage == "search":
+        # repair_applied: the policy fitted to the budget differs from the argmax of the logits
         repaired = " (repaired to budget)" if m.get("repair_applied") else ""
         return f"proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps{repaired}"
     if stage == "sweep":

@@ -1,15 +1,17 @@
 """`search`: the differentiable policy search (DNAS) and the methods built on it (SEAM, ASGA).
 
-Checks the schedule, learning rates and decays (>= 0), the budget (a positive number of BitOps,
-or the cost of uniform bits at a supported width), the complexity penalty (framework.quant.cost's
-PENALTIES; `hinge` needs a budget), the margin term, the two-pass rule and the supernet's quantizers.
+Checks the schedule, learning rates and decays (>= 0), the budget (a positive number of BitOps, or
+the cost of uniform b x b bits per MAC with b between the smallest and largest supported width, 2.5
+allowed; and/or a positive size in MB; the share of it a fitted policy fills, in [0, 1]), the
+complexity penalty (framework.quant.cost's PENALTIES; `hinge` needs a BitOps budget), the margin
+term, the two-pass rule and the supernet's quantizers.
 """
 
 from pydantic import model_validator
 
 from framework.config.quant import QuantConfig, supported_bits
 from framework.config.sharpness import SharpnessConfig
-from framework.config.types import Flag, Schema, Text, between, number, one_of, sentence, whole
+from framework.config.types import Flag, Schema, Text, between, number, number_in, one_of, sentence, whole
 
 
 def _penalties() -> tuple[str, ...]:
@@ -47,7 +49,9 @@ class SearchConfig(Schema):
     weight_decay: number(0)
     logit_weight_decay: number(0)
     budget_bitops: number(0, strict=True) | None
-    budget_uniform_bits: one_of(supported_bits) | None
+    budget_uniform_bits: number_in(supported_bits) | None
+    budget_size_mb: number(0, strict=True) | None
+    budget_fill: between(0, 1)
     repair: Flag
     complexity: ComplexityConfig
     margin: MarginConfig
@@ -57,6 +61,6 @@ class SearchConfig(Schema):
     @model_validator(mode="after")
     def _hinge_needs_a_budget(self):
         if self.complexity.penalty == "hinge" and self.budget_bitops is None and self.budget_uniform_bits is None:
-            raise sentence("search.complexity.penalty=hinge needs a budget: set search.budget_bitops or "
+            raise sentence("search.complexity.penalty=hinge needs a BitOps budget: set search.budget_bitops or "
                            "search.budget_uniform_bits (or search.complexity.penalty=linear)")
         return self

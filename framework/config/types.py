@@ -71,6 +71,19 @@ def between(low: float, high: float, low_open: bool = False) -> Any:
     return _typed(lambda v: _is_number(v) and (low < v if low_open else low <= v) and v <= high, expected, float)
 
 
+def number_in(bounds: Callable[[], Sequence[float]]) -> Any:
+    """A number (int or float, not a bool) in [min, max] of what `bounds()` returns (a registry's
+    values, e.g. the supported bit-widths, read at validation time)."""
+    def validate(value: Any) -> Any:
+        values = list(bounds())
+        low, high = min(values), max(values)
+        if not (_is_number(value) and low <= value <= high):
+            raise invalid(f"expected a number in [{low:g}, {high:g}]")
+        return value
+
+    return Annotated[float, PlainValidator(validate)]
+
+
 def one_of(values: Sequence[Any] | Callable[[], Sequence[Any]]) -> Any:
     """One of `values` (or of what the function `values` returns: a registry's names)."""
     def allowed() -> Sequence[Any]:

@@ -1,7 +1,18 @@
-"""Bit-width policies: the policy file (:mod:`~framework.policy.schema`) and per-layer bits from a
-search or a baseline (:mod:`~framework.policy.bits`)."""
+"""Bit-width policies: the policy file (:mod:`~framework.policy.schema`), per-layer bits from a
+search or a baseline (:mod:`~framework.policy.bits`), the budget from the config
+(:mod:`~framework.policy.budget`) and the exact fit of a policy to it (:mod:`~framework.policy.knapsack`)."""
 
-from framework.policy.bits import derive_bits, parse_uniform, random_bits, repair, uniform_bits
+from framework.policy.bits import (
+    derive_bits,
+    draw_bits,
+    parse_random,
+    parse_uniform,
+    random_bits,
+    uniform_bits,
+    uniform_budget_bits,
+)
+from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
+from framework.policy.knapsack import DEFAULT_FILL, fit_to_budget, log_probability
 from framework.policy.schema import (
     SCHEMA,
     Budget,
@@ -19,20 +30,28 @@ from framework.policy.schema import (
 
 __all__ = [
     "Budget",
+    "BudgetLimits",
+    "budget_from_config",
     "check_budget",
     "cost_at",
     "CostAt",
+    "DEFAULT_FILL",
     "derive_bits",
+    "draw_bits",
+    "fit_to_budget",
     "LayerPolicy",
+    "log_probability",
     "make_policy",
+    "parse_random",
     "parse_uniform",
     "Policy",
     "policy_from_dict",
     "random_bits",
     "read_policy",
-    "repair",
     "SCHEMA",
     "uniform_bits",
+    "uniform_budget_bitops",
+    "uniform_budget_bits",
     "validate_policy",
     "write_policy",
 ]

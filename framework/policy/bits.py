@@ -1,16 +1,21 @@
-"""Per-layer bits: from a search (:func:`derive_bits`, argmax of the logits per layer, with an
-optional budget :func:`repair`), or from the baselines :func:`uniform_bits` (`policy=uniform:W/A`,
-:func:`parse_uniform`) and :func:`random_bits` (seeded, under a budget).
+"""Per-layer bits: from a search (:func:`derive_bits`, the argmax of the logits per layer, fitted to
+a budget by :func:`framework.policy.knapsack.fit_to_budget`), or from the baselines
+:func:`uniform_bits` (`policy=uniform:W/A`, :func:`parse_uniform`), :func:`random_bits`
+(`policy=random:<seed>`, :func:`parse_random`: a seeded draw, fitted to the budget) and
+:func:`uniform_budget_bits` (`policy=uniform-budget`: the uniform W/A with the most BitOps within the
+budget).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from framework.errors import MPQError
+from framework.policy.budget import BudgetLimits
+from framework.policy.knapsack import DEFAULT_FILL, bitops_of, fit_to_budget, size_bits_of
 from framework.quant.cost import LayerCost
 from framework.quant.layers import SEARCH_LAYERS
 from framework.quant.quantizers import SUPPORTED_BITS
@@ -39,48 +44,86 @@ def uniform_bits(layers: list[LayerCost], w_bits: int, a_bits: int, fixed: set[s
     }
 
 
-def _bitops(layers: list[LayerCost], bits: Mapping[str, tuple[int, int]]) -> float:
-    return float(sum(layer.macs * bits[layer.name][0] * bits[layer.name][1] for layer in layers))
+def parse_random(spec: str) -> int | None:
+    """`random:<seed>` -> seed (a whole number >= 0); anything else -> None."""
+    if not str(spec).startswith("random:"):
+        return None
+    body = str(spec).split(":", 1)[1]
+    if not body.isdigit():
+        raise MPQError(f"policy={spec} is malformed; write random:<seed> with a whole number >= 0, e.g. random:3")
+    return int(body)
+
+
+def draw_bits(
+    layers: list[LayerCost], candidates_w: Sequence[int], candidates_a: Sequence[int], fixed: set[str],
+    fixed_bits: int | None, seed: int,
+) -> dict[str, tuple[int, int]]:
+    """Per searched layer (in order) a weight, then an activation bit-width drawn uniformly from the
+    candidates by `numpy.random.default_rng(seed)`; the fixed layers at `fixed_bits`."""
+    rng = np.random.default_rng(int(seed))
+    cw, ca = sorted(candidates_w), sorted(candidates_a)
+    return {
+        layer.name: ((fixed_bits, fixed_bits) if layer.name in fixed and fixed_bits
+                     else (int(rng.choice(cw)), int(rng.choice(ca))))
+        for layer in layers
+    }
+
+
+def near(candidates: Sequence[int], drawn: int) -> list[float]:
+    """Probabilities over the ascending `candidates` that prefer `drawn`, then its neighbours:
+    p(c_i) proportional to 4^-|i - j| for the drawn c_j, so p(drawn) >= 0.6."""
+    j = list(candidates).index(drawn)
+    weights = [4.0 ** -abs(i - j) for i in range(len(candidates))]
+    return [w / sum(weights) for w in weights]
 
 
 def random_bits(
-    layers: list[LayerCost], candidates_w: list[int], candidates_a: list[int], fixed: set[str], fixed_bits: int | None,
-    budget_bitops: float | None, seed: int,
-) -> dict[str, tuple[int, int]]:
-    """A seeded random policy: bits drawn uniformly from the candidates, then lowered at random
-    (one candidate step of one layer at a time) until the BitOps budget holds."""
-    rng = np.random.default_rng(int(seed))
-    cw, ca = sorted(candidates_w), sorted(candidates_a)
-    bits: dict[str, tuple[int, int]] = {}
-    for layer in layers:
-        if layer.name in fixed and fixed_bits:
-            bits[layer.name] = (fixed_bits, fixed_bits)
-        else:
-            bits[layer.name] = (int(rng.choice(cw)), int(rng.choice(ca)))
-    if budget_bitops is None:
-        return bits
-    floor = {**bits, **{layer.name: (cw[0], ca[0]) for layer in layers if layer.name not in fixed or not fixed_bits}}
-    if _bitops(layers, floor) > budget_bitops:
+    layers: list[LayerCost], candidates_w: Sequence[int], candidates_a: Sequence[int], fixed: set[str],
+    fixed_bits: int | None, seed: int, limits: BudgetLimits | None = None, total_params: int = 0,
+    fill: float = DEFAULT_FILL,
+) -> tuple[dict[str, tuple[int, int]], dict[str, Any] | None]:
+    """A seeded random policy (`policy=random:<seed>`): the draw of :func:`draw_bits`, and under
+    `limits` the budget-meeting policy closest to it, :func:`fit_to_budget` with the probabilities
+    :func:`near` the draw (so the fit keeps as many drawn bits as the budget and its fill allow).
+    Returns the bits and the fit's record (None without limits)."""
+    drawn = draw_bits(layers, candidates_w, candidates_a, fixed, fixed_bits, seed)
+    if limits is None:
+        return drawn, None
+    cw, ca = tuple(sorted(candidates_w)), tuple(sorted(candidates_a))
+    searched = [layer.name for layer in layers if not (layer.name in fixed and fixed_bits)]
+    probs = {name: {"w": near(cw, drawn[name][0]), "a": near(ca, drawn[name][1])} for name in searched}
+    return fit_to_budget(layers, drawn, probs, {name: (cw, ca) for name in searched}, limits, total_params, fill=fill)
+
+
+def uniform_budget_bits(
+    layers: list[LayerCost], candidates_w: Sequence[int], candidates_a: Sequence[int], fixed: set[str],
+    fixed_bits: int | None, limits: BudgetLimits, total_params: int,
+) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """`policy=uniform-budget`: the uniform W/A (W from `candidates_w`, A from `candidates_a`, the
+    fixed layers at `fixed_bits`) with the most BitOps within `limits`; ties go to the larger W.
+    Returns the bits and a record (the pair, its cost and the budget)."""
+    fits = []
+    for w in sorted(candidates_w):
+        for a in sorted(candidates_a):
+            bits = uniform_bits(layers, w, a, fixed, fixed_bits)
+            bitops, size = bitops_of(layers, bits), size_bits_of(layers, bits, total_params)
+            if (limits.bitops is None or bitops <= limits.bitops) and (limits.size_mb is None or size <= limits.size_mb * 8e6):
+                fits.append(((bitops, w), (w, a), bits, size))
+    if not fits:
+        low = uniform_bits(layers, min(candidates_w), min(candidates_a), fixed, fixed_bits)
         raise MPQError(
-            f"budget {budget_bitops / 1e9:.4f} GBitOps is impossible: even the lowest candidates "
-            f"({cw[0]}/{ca[0]} bits) cost {_bitops(layers, floor) / 1e9:.4f} GBitOps; raise the budget"
+            f"policy=uniform-budget: no uniform W/A of the candidates {sorted(candidates_w)} x {sorted(candidates_a)} meets "
+            f"the budget of {limits.describe()} (the cheapest, {min(candidates_w)}/{min(candidates_a)}, costs "
+            f"{bitops_of(layers, low) / 1e9:.4g} GBitOps, {size_bits_of(layers, low, total_params) / 8e6:.4g} MB); "
+            f"raise search.budget_uniform_bits, search.budget_bitops or search.budget_size_mb"
         )
-    while _bitops(layers, bits) > budget_bitops:
-        moves = [
-            (name, side)
-            for name, (w, a) in bits.items()
-            if not (name in fixed and fixed_bits)
-            for side, value, cands in ((0, w, cw), (1, a, ca))
-            if cands.index(value) > 0
-        ]
-        name, side = moves[int(rng.integers(len(moves)))]
-        w, a = bits[name]
-        if side == 0:
-            w = cw[cw.index(w) - 1]
-        else:
-            a = ca[ca.index(a) - 1]
-        bits[name] = (w, a)
-    return bits
+    (bitops, _), (w, a), bits, size = max(fits, key=lambda fit: fit[0])
+    record: dict[str, Any] = {"w_bits": w, "a_bits": a, "bitops": float(bitops), "budget_bitops": limits.bitops}
+    if limits.bitops is not None:
+        record["bitops_ratio"] = bitops / limits.bitops
+    if limits.size_mb is not None:
+        record.update(size_mb=size / 8e6, budget_size_mb=limits.size_mb)
+    return bits, record
 
 
 def derive_bits(model) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, list[float]]]]:
@@ -96,51 +139,3 @@ def derive_bits(model) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, 
         elif hasattr(module, "mpq_fixed_bits"):  # a fixed layer kept in full precision
             bits[name] = tuple(module.mpq_fixed_bits)
     return bits, probs
-
-
-def repair(
-    layers: list[LayerCost], bits: dict[str, tuple[int, int]], probs: dict[str, dict[str, list[float]]],
-    candidates: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], budget_bitops: float,
-    joint: set[str] | frozenset[str] = frozenset(),
-) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
-    """Lower bits until `BitOps <= budget`: at each step, the one-candidate drop (weights or
-    activations of one searched layer; both at once for layers in `joint`) that loses the least
-    probability mass `p(current) - p(lower)`; ties go to the larger BitOps saving. Candidate
-    sets are in ascending order (as the searchable layers keep them)."""
-    bits = dict(bits)
-    macs = {layer.name: layer.macs for layer in layers}
-    before = _bitops(layers, bits)
-    steps = []
-    while _bitops(layers, bits) > budget_bitops:
-        best = None
-        for name, (cw, ca) in candidates.items():
-            w, a = bits[name]
-            for side, value, cands, p in ((0, w, cw, probs[name]["w"]), (1, a, ca, probs[name]["a"])):
-                i = cands.index(value)
-                if i == 0:
-                    continue
-                loss = p[i] - p[i - 1]
-                lower = cands[i - 1]
-                if name in joint:
-                    if side == 1:
-                        continue
-                    saving = macs[name] * (value * value - lower * lower)
-                    side = 2
-                else:
-                    saving = macs[name] * ((value - lower) * (a if side == 0 else w))
-                key = (loss, -saving)
-                if best is None or key < best[0]:
-                    best = (key, name, side, lower)
-        if best is None:
-            raise MPQError(
-                f"budget {budget_bitops / 1e9:.4f} GBitOps is impossible: every searched layer is at its "
-                f"lowest candidate and the policy still costs {_bitops(layers, bits) / 1e9:.4f} GBitOps; raise the budget"
-            )
-        _, name, side, lower = best
-        w, a = bits[name]
-        bits[name] = {0: (lower, a), 1: (w, lower), 2: (lower, lower)}[side]
-        steps.append({"layer": name, "side": {0: "w", 1: "a", 2: "wa"}[side], "to": lower})
-    return bits, {
-        "applied": bool(steps), "steps": steps, "bitops_before": before, "bitops_after": _bitops(layers, bits),
-        "budget_bitops": budget_bitops,
-    }

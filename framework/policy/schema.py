@@ -2,9 +2,11 @@
 
 A policy names its model and gives, per layer (module name), `w_bits`, `a_bits`, `macs`, `params`
 and whether the layer was fixed; the cost (MACs, BitOps, size) at the proxy and the target
-resolution; an optional BitOps budget (`budget: {"bitops": B, "at": "target"|"proxy"}`); whether a
-budget repair was applied; and provenance (method and hyperparameters, proxy data, fraction, seed,
-hash of the sample indices, code version).
+resolution; an optional budget (`budget: {"bitops": B, "size_mb": S, "at": "target"|"proxy"}`, either
+limit or both; files written before `size_mb` existed give BitOps alone); whether the policy was fitted
+to the budget (`repair`, a name kept for old files: the method and the solver's record); and
+provenance (method and hyperparameters, proxy data, fraction, seed, hash of the sample indices, code
+version).
 
 Reading validates the structure (pydantic) and :func:`validate_policy` checks it against a model:
 unknown or missing layers, unsupported bit-widths, a policy of another model and a broken budget
@@ -19,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from framework import __version__
 from framework.errors import MPQError
@@ -52,10 +54,19 @@ class CostAt(BaseModel):
 
 
 class Budget(BaseModel):
+    """Upper limits on the policy's cost: BitOps at the `at` resolution, size in MB; at least one."""
+
     model_config = ConfigDict(extra="forbid")
 
-    bitops: float = Field(gt=0)
+    bitops: float | None = Field(default=None, gt=0)
+    size_mb: float | None = Field(default=None, gt=0)
     at: Literal["proxy", "target"] = "target"
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Budget:
+        if self.bitops is None and self.size_mb is None:
+            raise ValueError("a budget gives bitops, size_mb or both")
+        return self
 
 
 class Policy(BaseModel):
@@ -116,7 +127,7 @@ def read_policy(path: str | Path) -> Policy:
     """Read and structurally validate a policy file."""
     path = Path(path)
     if not path.is_file():
-        raise MPQError(f"policy file {path} does not exist; pass policy=<path to policy.json> or policy=uniform:W/A")
+        raise MPQError(f"policy file {path} does not exist; pass policy=<path to policy.json>, uniform:W/A, random:<seed> or uniform-budget")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -172,14 +183,20 @@ def validate_policy(
         if at is None:
             raise MPQError(f"{source} states a budget at the {policy.budget.at} resolution but has no cost.{policy.budget.at}")
         measured = recompute(at.input_size, at.in_channels) if recompute is not None else at
-        check_budget(policy.budget, measured.bitops, source)
+        check_budget(policy.budget, measured, source)
 
 
-def check_budget(budget: Budget, bitops: float, source: str = "policy") -> None:
-    if bitops > budget.bitops * (1 + 1e-9):
+def check_budget(budget: Budget, cost: CostAt, source: str = "policy") -> None:
+    """Each limit the budget gives holds for `cost` (to a relative 1e-9), else one :class:`MPQError`."""
+    if budget.bitops is not None and cost.bitops > budget.bitops * (1 + 1e-9):
         raise MPQError(
-            f"{source} breaks its budget: {bitops / 1e9:.4f} GBitOps at the {budget.at} resolution > "
+            f"{source} breaks its budget: {cost.bitops / 1e9:.4f} GBitOps at the {budget.at} resolution > "
             f"budget {budget.bitops / 1e9:.4f} GBitOps; lower some layers' bits or raise budget.bitops"
+        )
+    if budget.size_mb is not None and cost.size_mb > budget.size_mb * (1 + 1e-9):
+        raise MPQError(
+            f"{source} breaks its budget: {cost.size_mb:.4f} MB > budget {budget.size_mb:.4f} MB; "
+            f"lower some layers' weight bits or raise budget.size_mb"
         )
 
 

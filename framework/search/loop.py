@@ -10,8 +10,11 @@
    the task loss (CE, plus SEAM's margin term for `seam`) through the two-pass optimizer of the
    method's sharpness rule (none for `dnas`/`seam`, ASGA for `asga`/`seam_asga`), the complexity
    penalty's gradient added to the logits outside the two passes.
-4. Derive the policy by argmax of the logits, repair it to the budget if asked, and write
-   `policy.json` with its provenance and plots.
+4. Derive the policy by argmax of the logits; with a budget (`search.budget_bitops` or
+   `budget_uniform_bits`, and/or `budget_size_mb`) and `search.repair`, fit it to the budget exactly:
+   the most probable policy under the bit probabilities that meets the budget and uses at least
+   `search.budget_fill` of it when some policy can (a multiple-choice knapsack solved by HiGHS,
+   framework.policy.knapsack); write `policy.json` with its provenance and plots.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from torch import nn
 from framework import __version__
 from framework.data import build_dataset, build_loader
 from framework.errors import MPQError
-from framework.policy import Budget, cost_at, derive_bits, make_policy, repair, uniform_bits, write_policy
+from framework.policy import (
+    budget_from_config,
+    cost_at,
+    derive_bits,
+    fit_to_budget,
+    make_policy,
+    write_policy,
+)
 from framework.quant import (
     SearchConv2d,
     SearchLinear,
@@ -58,18 +68,6 @@ def _fresh_head(model: nn.Module, num_classes: int) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
-
-
-def budget_bitops(scfg, layers, fixed, fixed_bits) -> float | None:
-    """`search.budget_bitops` (absolute, target resolution) or the cost of uniform
-    `search.budget_uniform_bits` W/A bits (fixed layers at their bits); None: no budget."""
-    if scfg.budget_bitops:
-        return float(scfg.budget_bitops)
-    bits = scfg.budget_uniform_bits
-    if bits:
-        uniform = uniform_bits(layers, int(bits), int(bits), fixed, fixed_bits)
-        return float(sum(layer.macs * uniform[layer.name][0] * uniform[layer.name][1] for layer in layers))
-    return None
 
 
 def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
@@ -120,10 +118,12 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         raise MPQError(f"cannot build the search supernet from search.quant: {err}") from None
     model.to(device)
 
-    budget = budget_bitops(scfg, layers, fixed, fixed_bits)
+    limits = budget_from_config(scfg, layers, fixed, fixed_bits)  # at the target resolution
+    budget = limits.bitops if limits is not None else None
     penalty_mode = str(scfg.complexity.penalty)
     if penalty_mode == "hinge" and budget is None:
-        raise MPQError("search.complexity.penalty=hinge needs a budget: set search.budget_bitops or search.budget_uniform_bits")
+        raise MPQError("search.complexity.penalty=hinge needs a BitOps budget: set search.budget_bitops or "
+                       "search.budget_uniform_bits (or search.complexity.penalty=linear)")
     reference = budget if penalty_mode == "hinge" else float(
         sum(layer.macs * max(qcfg.candidates_w) * max(qcfg.candidates_a) for layer in layers)
     )
@@ -155,9 +155,9 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
 
     meta = {"stage": stage, "model": search_meta, "data": {"name": str(proxy_cfg.name), "input_size": int(proxy_cfg.input_size),
             "channels": channels}, "search": True, "code_version": __version__}
-    log.info("search %s (%s) on %s: %d proxy samples, %d steps, budget %s GBitOps",
+    log.info("search %s (%s) on %s: %d proxy samples, %d steps, budget %s",
              model_meta["name"], scfg.method, proxy_cfg.name, len(proxy_train), total_steps,
-             f"{budget / 1e9:.4f}" if budget else "none")
+             limits.describe() if limits is not None else "none")
     resume = resume_checkpoint(cfg, run_dir)
     if resume is not None:
         load_model_state(model, resume)
@@ -172,9 +172,10 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         )
         bits, probs = derive_bits(model)
         repair_record: dict[str, Any] = {"applied": False}
-        if budget is not None and scfg.repair:
+        if limits is not None and scfg.repair:  # the exact fit ("repair": the name old policy files know)
             joint = {n for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear)) and m.joint}
-            bits, repair_record = repair(layers, bits, probs, candidates, budget, joint)
+            bits, repair_record = fit_to_budget(layers, bits, probs, candidates, limits, total_params, joint,
+                                                fill=float(scfg.budget_fill))
         proxy_cost = cost_at(proxy_layers, bits, total_params, int(proxy_cfg.input_size), channels)
         target_cost = cost_at(layers, bits, total_params, target_size, channels)
         provenance = {
@@ -189,7 +190,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         }
         policy = make_policy(
             model_meta["name"], layers, bits, fixed, {"proxy": proxy_cost, "target": target_cost},
-            budget=Budget(bitops=budget, at="target") if budget else None, repair=repair_record, provenance=provenance,
+            budget=limits.as_budget("target") if limits is not None else None, repair=repair_record, provenance=provenance,
         )
         artifacts = write_policy(policy, run_dir / "policy.json")
         artifacts["bit_probabilities"] = str(plot_bit_probabilities(probs, candidates, run_dir / "bit_probabilities.png"))
@@ -208,7 +209,8 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         "size_mb": target_cost.size_mb,
         "proxy_gbitops": proxy_cost.gbitops,
         "budget_gbitops": budget / 1e9 if budget else None,
-        "repair_applied": bool(repair_record.get("applied")),
+        "budget_size_mb": limits.size_mb if limits is not None else None,
+        "repair_applied": bool(repair_record.get("applied")),  # the fitted policy differs from the argmax
         "avg_w_bits": average["w_bits"],
         "avg_a_bits": average["a_bits"],
         "uniform": len(searched_bits) <= 1,

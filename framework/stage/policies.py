@@ -1,7 +1,15 @@
 """From a policy specification to a quantized, calibrated model: what the stages share.
 
-`policy=` is either `uniform:W/A` (every layer at W/A bits, the first conv and last linear at
-`quant.fixed_bits`) or the path of a `policy.json`, which is validated against the model.
+`policy=` is one of
+
+- `uniform:W/A`: every layer at W/A bits, the first conv and last linear at `quant.fixed_bits`;
+- `random:<seed>`: per searched layer a pair drawn from `search.quant.candidates_w/_a` (numpy's
+  `default_rng(seed)`), fitted to the search's budget (`search.budget_*`) exactly: the
+  budget-meeting policy closest to the draw (framework.policy.random_bits); without a budget, the draw;
+- `uniform-budget`: the uniform W/A of those candidates with the most BitOps within the budget;
+- the path of a `policy.json`, which is validated against the model.
+
+The baselines record their method, seed and fit in `provenance` and the budget in `budget`.
 """
 
 from __future__ import annotations
@@ -14,13 +22,18 @@ from torch import nn
 
 from framework.errors import MPQError
 from framework.policy import (
+    DEFAULT_FILL,
     CostAt,
     Policy,
+    budget_from_config,
     cost_at,
     make_policy,
+    parse_random,
     parse_uniform,
+    random_bits,
     read_policy,
     uniform_bits,
+    uniform_budget_bits,
     validate_policy,
 )
 from framework.quant.convert import fixed_bits_of, fixed_layer_names, quantize_model
@@ -35,12 +48,18 @@ class Geometry:
     in_channels: int
 
 
+#: `policy=uniform-budget`
+UNIFORM_BUDGET = "uniform-budget"
+
+
 def resolve_policy(
-    spec: str, model_name: str, build_float: Callable[[], nn.Module], geometry: Geometry, qcfg
+    spec: str, model_name: str, build_float: Callable[[], nn.Module], geometry: Geometry, qcfg, *, search_cfg=None
 ) -> tuple[Policy, list[LayerCost]]:
     """The :class:`Policy` named by `spec` for the float model `build_float()` at `geometry`.
 
-    Returns the policy (its `cost.target` measured at `geometry`) and the traced layers.
+    `qcfg` (`quant`) gives the fixed layers; `search_cfg` (`search`) the candidates and the budget
+    of `random:<seed>` and `uniform-budget` (measured at `geometry`), which need it. Returns the
+    policy (its `cost.target` measured at `geometry`) and the traced layers.
     """
     model = build_float()
     layers = trace_layers(model, geometry.input_size, geometry.in_channels)
@@ -66,12 +85,40 @@ def resolve_policy(
         )
         return policy, layers
 
+    if spec == UNIFORM_BUDGET or parse_random(spec) is not None:
+        return _baseline(spec, model_name, layers, total_params, geometry, qcfg, search_cfg), layers
+
     policy = read_policy(spec)
     source = f"policy file {spec}"
     validate_policy(policy, model_name, layers, source, recompute=recompute_with(policy.bits()))
     # report the cost at the requested geometry, measured on the model (not copied from the file)
     policy.cost["target"] = cost_at(layers, policy.bits(), total_params, geometry.input_size, geometry.in_channels)
     return policy, layers
+
+
+def _baseline(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
+              search_cfg) -> Policy:
+    """`random:<seed>` or `uniform-budget` under the search's candidates and budget."""
+    if search_cfg is None:
+        raise ValueError(f"policy={spec} needs the search config (its candidates and budget): pass search_cfg")
+    fixed_bits = fixed_bits_of(qcfg)
+    fixed = fixed_layer_names(layers, fixed_bits)
+    cw, ca = sorted(int(b) for b in search_cfg.quant.candidates_w), sorted(int(b) for b in search_cfg.quant.candidates_a)
+    limits = budget_from_config(search_cfg, layers, fixed, fixed_bits)
+    provenance = {"method": "random" if spec != UNIFORM_BUDGET else UNIFORM_BUDGET, "candidates_w": cw, "candidates_a": ca}
+    if spec == UNIFORM_BUDGET:
+        if limits is None:
+            raise MPQError("policy=uniform-budget needs search.budget_uniform_bits, search.budget_bitops or search.budget_size_mb")
+        bits, record = uniform_budget_bits(layers, cw, ca, fixed, fixed_bits, limits, total_params)
+        provenance.update(w_bits=record["w_bits"], a_bits=record["a_bits"], fit=record)
+    else:
+        seed = parse_random(spec)
+        fill = float(getattr(search_cfg, "budget_fill", DEFAULT_FILL))
+        bits, record = random_bits(layers, cw, ca, fixed, fixed_bits, seed, limits, total_params, fill)
+        provenance.update(seed=seed, fit=record)
+    target = cost_at(layers, bits, total_params, geometry.input_size, geometry.in_channels)
+    return make_policy(model_name, layers, bits, fixed, {"target": target},
+                       budget=limits.as_budget() if limits is not None else None, provenance=provenance)
 
 
 def quantize_with_policy(model: nn.Module, policy: Policy, qcfg, layers: list[LayerCost]) -> nn.Module:

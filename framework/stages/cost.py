@@ -13,7 +13,8 @@ from framework.track import open_tracker
 def run_cost(cfg: DictConfig) -> Result:
     """MACs, BitOps and size of `cfg.model` under `cfg.policy` at `input_size` x `in_channels`, no data.
 
-    `policy` is `uniform:W/A` (default 8/8) or a `policy.json`. Prints a per-layer table; writes the
+    `policy` is `uniform:W/A` (default 8/8), `random:<seed>`, `uniform-budget` (both under the
+    `search` budget and candidates) or a `policy.json`. Prints a per-layer table; writes the
     policy (as applied, with its plot) and `result.json` with `metrics.macs`, `bitops`, `size_mb`.
     """
     run_dir = run_directory(cfg, "cost")
@@ -22,7 +23,8 @@ def run_cost(cfg: DictConfig) -> Result:
     num_classes = int(cfg.num_classes or cfg.model.num_classes)
     meta = {**model_meta(cfg, num_classes), "in_channels": in_channels}
     spec = str(cfg.policy or "uniform:8/8")
-    policy, layers = resolve_policy(spec, meta["name"], lambda: build_model(meta), Geometry(input_size, in_channels), cfg.quant)
+    policy, layers = resolve_policy(spec, meta["name"], lambda: build_model(meta), Geometry(input_size, in_channels), cfg.quant,
+                                    search_cfg=cfg.search)
     total = policy.cost["target"]
     print(format_cost_table(policy, layers, input_size, in_channels))
     artifacts = write_policy(policy, run_dir / "policy.json")

@@ -32,9 +32,10 @@ def run_evaluate(cfg: DictConfig) -> Result:
     """Top-1 of the checkpoint at `cfg.checkpoint` on the test split of `cfg.data`, with its cost.
 
     The model and the input geometry (size, channels) come from the checkpoint, the dataset from
-    `cfg.data`. A quantized checkpoint is evaluated under its own policy; `policy=uniform:W/A` or
-    `policy=<policy.json>` quantizes a full-precision checkpoint after training (LSQ steps initialised
-    on one training batch). BitOps and size are at the checkpoint's input size.
+    `cfg.data`. A quantized checkpoint is evaluated under its own policy; `policy=uniform:W/A` (or
+    `random:<seed>`, `uniform-budget`, `<policy.json>`) quantizes a full-precision checkpoint after
+    training (LSQ steps initialised on one training batch). BitOps and size are at the checkpoint's
+    input size.
     """
     if not cfg.checkpoint:
         raise MPQError("evaluate needs checkpoint=<checkpoint directory>, e.g. checkpoint=outputs/pretrain/<run>/checkpoints/last")
@@ -49,7 +50,8 @@ def run_evaluate(cfg: DictConfig) -> Result:
     if cfg.policy:
         if policy is not None:
             raise MPQError(f"checkpoint {ckpt.path} is already quantized under its own policy; drop policy=")
-        policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant)
+        policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
+                                        search_cfg=cfg.search)
         quantize_with_policy(model, policy, cfg.quant, layers)
         model.to(device)
         calib = build_dataset(data_cfg, "train", train_transforms=False)

@@ -28,8 +28,8 @@ from framework.train.checkpoint import load_model_state
 def run_finetune(cfg: DictConfig) -> Result:
     """Quantization-aware fine-tuning of the target model under `cfg.policy` from `cfg.init_checkpoint`.
 
-    The policy (a `policy.json` or `uniform:W/A`) is validated against the model; LSQ quantizers
-    (`cfg.quant`) are initialised on one training batch (the same on every rank); training runs
+    The policy (a `policy.json`, `uniform:W/A`, `random:<seed>` or `uniform-budget`) is validated
+    against the model; LSQ quantizers (`cfg.quant`) are initialised on one training batch (the same on every rank); training runs
     through DeepSpeed on the global batch `finetune.batch_size` with SGD/AdamW and a cosine
     schedule, or a two-pass rule (`finetune.sharpness`: SAQ cases 1-3, SAM, ASAM, ASGA; `period` k
     for the periodic variant; see :class:`framework.sharpness.EngineTwoPass` for its meaning under
@@ -47,7 +47,8 @@ def run_finetune(cfg: DictConfig) -> Result:
     train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
     check_classes(ckpt, train_set.mpq_info, str(cfg.data.name), "fine-tune on the target it was trained on")
 
-    policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant)
+    policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
+                                    search_cfg=cfg.search)
     model = build_model(meta)
     load_model_state(model, ckpt)
     quantize_with_policy(model, policy, cfg.quant, layers)

@@ -80,6 +80,29 @@ def test_a_bad_policy_through_cost_is_one_error_line(resnet8_policy, tmp_path):
     assert_one_error_line(proc, "cost", f"policy file {path} breaks its budget", run_dir=tmp_path / "r")
 
 
+def test_baseline_policies_through_cost_meet_the_search_budget(tmp_path):
+    """`policy=uniform-budget` under a fractional `search.budget_uniform_bits` and `policy=random:<seed>`
+    under the default budget resolve through `mpq cost`; an impossible budget is one error line."""
+    common = ["model=resnet8", "input_size=28", "in_channels=1", "tracking.enabled=false"]
+    uniform = run_stage("cost", tmp_path / "u", *common, "policy=uniform-budget", "search.budget_uniform_bits=2.5")
+    policy = read_json(tmp_path / "u" / "policy.json")
+    # 2.5 bits: 2.5 x 2.5 BitOps per MAC in every searched layer, the fixed layers at 8 x 8
+    expected = sum(layer["macs"] * (64 if layer["fixed"] else 6.25) for layer in policy["layers"].values())
+    assert policy["budget"]["bitops"] == pytest.approx(expected)
+    assert uniform["metrics"]["bitops"] <= policy["budget"]["bitops"]
+    assert len({(layer["w_bits"], layer["a_bits"]) for layer in policy["layers"].values() if not layer["fixed"]}) == 1
+    assert policy["provenance"]["method"] == "uniform-budget"
+
+    random = run_stage("cost", tmp_path / "r", *common, "policy=random:3")
+    policy = read_json(tmp_path / "r" / "policy.json")
+    budget = policy["budget"]["bitops"]
+    assert 0.97 * budget <= random["metrics"]["bitops"] <= budget  # the default budget, uniform 4/4, used
+    assert policy["provenance"]["method"] == "random" and policy["provenance"]["seed"] == 3
+
+    proc = run_mpq("cost", *common, "policy=random:3", "search.budget_bitops=1", f"hydra.run.dir={tmp_path / 'x'}")
+    assert_one_error_line(proc, "cost", "BitOps budget", "is impossible", "raise search.budget_bitops", run_dir=tmp_path / "x")
+
+
 def test_a_bad_policy_through_evaluate_is_one_error_line(pretrained_checkpoint, resnet8_policy, tmp_path):
     path = _bad_policy_file(tmp_path, resnet8_policy, lambda d: d["layers"].update({"layer9.conv": d["layers"]["conv1"]}))
     proc = run_mpq("evaluate", f"checkpoint={pretrained_checkpoint}", f"policy={path}", f"hydra.run.dir={tmp_path / 'r'}",

@@ -55,11 +55,24 @@ def test_every_method_gives_a_valid_non_uniform_policy_under_budget(tmp_path, fp
 
 def test_a_tight_budget_is_met_by_the_policy(tmp_path, fp_checkpoint):
     result = _search(tmp_path, fp_checkpoint, "search=dnas", "search.max_steps=4", "search.budget_uniform_bits=2",
-                     "search.complexity.weight=0.0")  # no pressure: the repair alone must enforce the budget
+                     "search.complexity.weight=0.0")  # no pressure: the fit alone must enforce the budget
     policy = read_policy(result.artifacts["policy"])
     assert policy.cost["target"].bitops <= policy.budget.bitops
     assert result.metrics["gbitops"] <= result.metrics["budget_gbitops"] + 1e-12
     assert policy.repair["applied"] is True and result.metrics["repair_applied"] is True
+    assert policy.repair["method"] == "milp" and policy.repair["bitops_before"] > policy.budget.bitops
+    # uniform 2/2 is the cheapest policy of the candidates {2, 3, 4, 6}: the only one within the budget
+    assert {(layer.w_bits, layer.a_bits) for layer in policy.layers.values() if not layer.fixed} == {(2, 2)}
+
+
+def test_the_fitted_policy_uses_a_fractional_and_a_size_budget(tmp_path, fp_checkpoint):
+    result = _search(tmp_path, fp_checkpoint, "search=dnas", "search.max_steps=4", "search.budget_uniform_bits=2.5",
+                     "search.budget_size_mb=0.03", "search.complexity.weight=0.0")
+    policy = read_policy(result.artifacts["policy"])
+    target = policy.cost["target"]
+    assert 0.97 * policy.budget.bitops <= target.bitops <= policy.budget.bitops and target.size_mb <= 0.03
+    assert policy.budget.size_mb == 0.03 and result.metrics["budget_size_mb"] == 0.03
+    assert policy.repair["fill_held"] is True and policy.repair["objective"] <= 0
 
 
 def test_a_larger_complexity_weight_lowers_the_expected_bitops(tmp_path, fp_checkpoint):

@@ -90,7 +90,11 @@ def test_contract_names_exist_in_the_default_config():
     # search
     ("search.epochs=0", "search.epochs=0 is invalid: expected a whole number >= 1"),
     ("search.budget_bitops=-5", "search.budget_bitops=-5 is invalid: expected a number > 0"),
-    ("search.budget_uniform_bits=1", "search.budget_uniform_bits=1 is invalid: choose one of 2, 3, 4, 5, 6, 7, 8, 32"),
+    ("search.budget_uniform_bits=1", "search.budget_uniform_bits=1 is invalid: expected a number in [2, 32]"),
+    ("search.budget_uniform_bits=33.5", "search.budget_uniform_bits=33.5 is invalid: expected a number in [2, 32]"),
+    ("search.budget_size_mb=0", "search.budget_size_mb=0 is invalid: expected a number > 0"),
+    ("search.budget_fill=1.5", "search.budget_fill=1.5 is invalid: expected a number in [0, 1]"),
+    ("~search.budget_fill", "search.budget_fill is missing from the config"),
     ("search.complexity.penalty=cubic", "search.complexity.penalty='cubic' is invalid: choose one of linear, hinge"),
     ("search.sharpness.name=foo", "search.sharpness.name='foo' is invalid: choose one of none, sam, asam, asga"),
     ("search.sharpness.name=saq", "search.sharpness.name='saq' is invalid: choose one of none, sam, asam, asga"),
@@ -144,11 +148,18 @@ def test_zero_stage_3_is_refused_where_the_engine_would_refuse_it():
         validate_config(compose_config("finetune", ["dist.zero_stage=3", "finetune=saq"]))
 
 
-def test_the_hinge_penalty_needs_a_budget():
+def test_the_hinge_penalty_needs_a_bitops_budget():
     validate_config(compose_config("search", ["search.budget_uniform_bits=null", "search.budget_bitops=1e9"]))
     validate_config(compose_config("search", ["search.budget_uniform_bits=null", "search.complexity.penalty=linear"]))
-    with pytest.raises(MPQError, match=r"^search.complexity.penalty=hinge needs a budget"):
-        validate_config(compose_config("search", ["search.budget_uniform_bits=null"]))
+    for size_or_not in ([], ["search.budget_size_mb=0.05"]):
+        with pytest.raises(MPQError, match=r"^search.complexity.penalty=hinge needs a BitOps budget"):
+            validate_config(compose_config("search", ["search.budget_uniform_bits=null", *size_or_not]))
+
+
+def test_budgets_of_fractional_bits_and_of_size_are_valid():
+    validate_config(compose_config("search", ["search.budget_uniform_bits=2.5", "search.budget_size_mb=0.05"]))
+    validate_config(compose_config("search", ["search.budget_uniform_bits=null", "search.budget_size_mb=0.05",
+                                              "search.complexity.penalty=linear", "search.budget_fill=0"]))
 
 
 def test_allowed_values_come_from_the_registries(monkeypatch):
