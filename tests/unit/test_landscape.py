@@ -134,9 +134,9 @@ def test_hessian_vector_product_matches_finite_differences_of_the_gradient():
     assert model.training  # measured in eval mode, handed back in the mode it came in
 
 
-def quantized_cnn():
+def quantized_cnn(qcfg=EAGER_LSQ):
     model = small_cnn(dtype=torch.float32)
-    quantize_model(model, {"0": (4, 4), "4": (4, 4)}, EAGER_LSQ)
+    quantize_model(model, {"0": (4, 4), "4": (4, 4)}, qcfg)
     model.eval()
     g = torch.Generator().manual_seed(1)
     images = torch.randn(16, 1, 6, 6, generator=g)
@@ -161,6 +161,20 @@ def test_double_backward_through_the_lsq_op_is_the_straight_through_estimator(mo
     assert any(h.abs().sum() > 0 for h in hv_eager)
     for a, b in zip(hv_eager, hv_plain, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("qcfg", [EAGER_LSQ, OmegaConf.merge(MINMAX, {"activation": "learned_range", "fused": False})],
+                         ids=["lsq", "minmax-learned_range"])
+def test_the_hessian_through_every_quantizer_is_symmetric(qcfg):
+    """u^T H v = v^T H u through each quantizer's double backward: one consistent Hessian."""
+    model, loss = quantized_cnn(qcfg)
+    params = [p for _, p in landscape_parameters(model)]
+    g = torch.Generator().manual_seed(5)
+    u, v = ([torch.randn(p.shape, generator=g) for p in params] for _ in range(2))
+    hu, hv = hessian_vector_product(model, loss, params, u), hessian_vector_product(model, loss, params, v)
+    uhv = sum(float((a * b).sum()) for a, b in zip(u, hv, strict=True))
+    vhu = sum(float((a * b).sum()) for a, b in zip(v, hu, strict=True))
+    assert uhv != 0 and uhv == pytest.approx(vhu, rel=1e-4)
 
 
 def test_disable_fused_kernels_switches_every_quantizer_to_its_eager_op():
