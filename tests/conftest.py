@@ -204,3 +204,13 @@ def make_image_tree(root: Path, classes: int = 3, per_class: int = 4, size: tupl
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}{suffix}")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def finetuned_checkpoint(pretrained_checkpoint, tmp_path_factory) -> str:
+    """A quantized checkpoint: the session's pretrained model fine-tuned for a few steps under
+    `policy=uniform:4/4` (LSQ)."""
+    run_dir = tmp_path_factory.mktemp("finetune_cli") / "run"
+    result = run_stage("finetune", run_dir, f"init_checkpoint={pretrained_checkpoint}", "policy=uniform:4/4",
+                       "data.fraction=0.02", "data.test_fraction=0.05", "finetune.max_steps=3", "tracking.enabled=false")
+    return result["artifacts"]["checkpoint"]

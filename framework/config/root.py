@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from framework.config.data import DataConfig
 from framework.config.dist import DistConfig
 from framework.config.finetune import FinetuneConfig
+from framework.config.landscape import LandscapeConfig
 from framework.config.launcher import LocalLauncher, SlurmLauncher
 from framework.config.model import ModelConfig
 from framework.config.quant import QuantConfig
@@ -76,6 +77,7 @@ class RootConfig(Schema):
     quant: QuantConfig
     search: SearchConfig
     finetune: FinetuneConfig
+    landscape: LandscapeConfig
     tracking: TrackingConfig
     tune: TuneConfig | None = None  # absent from a sweep trial's config only
     launcher: Annotated[LocalLauncher | SlurmLauncher, Field(discriminator="name")] | None = None  # likewise

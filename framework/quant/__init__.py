@@ -2,6 +2,7 @@
 
 from framework.quant.convert import (
     build_supernet,
+    disable_fused_kernels,
     fixed_bits_of,
     fixed_layer_names,
     quantize_model,
@@ -36,6 +37,7 @@ __all__ = [
     "SearchLinear",
     "build_supernet",
     "complexity_penalty",
+    "disable_fused_kernels",
     "expected_bitops",
     "fixed_bits_of",
     "fixed_layer_names",

@@ -1,7 +1,8 @@
 """The stage layer: what every stage shares, below the stages themselves.
 
 - :mod:`~framework.stage.setup`: run directory, threads, seeds, device, sub-configs;
-- :mod:`~framework.stage.models`: the model from the config or from a checkpoint (geometry, classes);
+- :mod:`~framework.stage.models`: the model from the config or from a checkpoint (geometry, classes,
+  quantized under its own policy or `policy=`);
 - :mod:`~framework.stage.policies`: a policy from its specification, applied and calibrated;
 - :mod:`~framework.stage.finish`: `result.json`.
 
@@ -14,6 +15,7 @@ from framework.stage.models import (
     build_model,
     check_classes,
     checkpoint_geometry,
+    checkpoint_model,
     data_config_at,
     load_full_precision_checkpoint,
     model_from_checkpoint,
@@ -28,6 +30,7 @@ __all__ = [
     "calibrate",
     "check_classes",
     "checkpoint_geometry",
+    "checkpoint_model",
     "data_config_at",
     "distribution_record",
     "finish_stage",

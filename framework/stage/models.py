@@ -7,11 +7,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from framework.data import build_dataset, build_loader
 from framework.errors import MPQError
 from framework.models import create_model
 from framework.policy import policy_from_dict, validate_policy
 from framework.quant.cost import trace_layers
-from framework.stage.policies import Geometry, quantize_with_policy
+from framework.stage.policies import Geometry, calibrate, quantize_with_policy, resolve_policy
 from framework.train.checkpoint import Checkpoint, load_checkpoint, load_model_state
 
 
@@ -80,3 +81,26 @@ def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
         quantize_with_policy(model, policy, qcfg, layers)
     load_model_state(model, ckpt)
     return model, policy, layers
+
+
+def checkpoint_model(ckpt: Checkpoint, cfg: DictConfig, data_cfg: DictConfig, device, train_set=None):
+    """The model of a checkpoint on `device`, as `evaluate` and `landscape` score it: a quantized
+    checkpoint under its own policy; a full-precision one as it is, or quantized after training under
+    `cfg.policy` (`uniform:W/A` or a policy.json; LSQ steps initialised on one training batch of
+    `train_set`, built from `data_cfg` when not given).
+
+    Returns `(model, policy or None, layers or None)`.
+    """
+    model, policy, layers = model_from_checkpoint(ckpt, cfg)
+    if cfg.policy:
+        if policy is not None:
+            raise MPQError(f"checkpoint {ckpt.path} is already quantized under its own policy; drop policy=")
+        meta = ckpt.meta["model"]
+        geometry = checkpoint_geometry(ckpt, cfg)
+        policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
+                                        search_cfg=cfg.search)
+        quantize_with_policy(model, policy, cfg.quant, layers)
+        model.to(device)
+        calib = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
+        calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device)
+    return model.to(device), policy, layers

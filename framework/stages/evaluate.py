@@ -12,15 +12,11 @@ from framework.policy import write_policy
 from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result
 from framework.stage import (
-    build_model,
-    calibrate,
     check_classes,
     checkpoint_geometry,
+    checkpoint_model,
     data_config_at,
     finish_stage,
-    model_from_checkpoint,
-    quantize_with_policy,
-    resolve_policy,
     start_stage,
 )
 from framework.track import open_tracker
@@ -46,17 +42,7 @@ def run_evaluate(cfg: DictConfig) -> Result:
     data_cfg = data_config_at(cfg.data, geometry)
     test_set = build_dataset(data_cfg, "test")
     check_classes(ckpt, test_set.mpq_info, str(cfg.data.name), "pick the data=<name> it was trained on")
-    model, policy, layers = model_from_checkpoint(ckpt, cfg)
-    if cfg.policy:
-        if policy is not None:
-            raise MPQError(f"checkpoint {ckpt.path} is already quantized under its own policy; drop policy=")
-        policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
-                                        search_cfg=cfg.search)
-        quantize_with_policy(model, policy, cfg.quant, layers)
-        model.to(device)
-        calib = build_dataset(data_cfg, "train", train_transforms=False)
-        calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device)
-    model.to(device)
+    model, policy, layers = checkpoint_model(ckpt, cfg, data_cfg, device)
     tracker = open_tracker(cfg, "evaluate")
     started = time.time()
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from framework.results import atomic_write_text
 from framework.study.figures import plot_accuracy_vs_cost, plot_policies, plot_radius_traces
 
-LANDSCAPE_KEYS = ("hessian_max_eig", "surrogate_gap")
+LANDSCAPE_KEYS = ("hessian_top_eigenvalue", "surrogate_gap")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -162,7 +162,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"| {s['label']} | {s['source']} | {_pct(s['top1_mean'])} ± {_pct(s['top1_std'])} | "
             f"{_pct(s['top1_min'])}–{_pct(s['top1_max'])} | {_num(s['gbitops_mean'])} | {_num(s['size_mb_mean'])} | {bits} | "
             f"{_num(s.get('search_seconds_mean'), '.0f')} | {_num(s.get('search_images_mean'), '.3g')} | "
-            f"{_num(s.get('search_compute_rel'), '.2f')} | {_num(s.get('hessian_max_eig_mean'), '.3g')} | "
+            f"{_num(s.get('search_compute_rel'), '.2f')} | {_num(s.get('hessian_top_eigenvalue_mean'), '.3g')} | "
             f"{_num(s.get('surrogate_gap_mean'), '.3g')} |"
         )
     lines += ["", "## Against the baselines", "",

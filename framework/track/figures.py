@@ -1,5 +1,5 @@
 """Figures people would rather look at than read: the per-layer bits of a policy, the bit-width
-probabilities of a search."""
+probabilities of a search, a 1-D slice of the loss landscape."""
 
 from __future__ import annotations
 
@@ -91,3 +91,19 @@ def plot_bit_probabilities(
     axes[0].set_yticklabels(names, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8)
     return save_figure(fig, path, bbox_inches="tight")
+
+
+def plot_loss_curve(t: list[float], loss: list[float], path: str | Path, title: str = "loss along a random direction") -> Path:
+    """The 1-D loss curve `L(w + t d)` against `t`, the trained weights (`t = 0`) marked."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4), dpi=110)
+    ax.plot(t, loss, marker="o", markersize=3, color="#3b6ea5")
+    ax.axvline(0.0, color="#e0913a", linestyle="--", linewidth=1, label="trained weights (t = 0)")
+    ax.set_xlabel("t (filter-normalised direction d)")
+    ax.set_ylabel("L(w + t d)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)

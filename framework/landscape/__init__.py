@@ -1,0 +1,37 @@
+"""Loss-landscape diagnostics of a trained (quantized) network, on a loss over fixed batches:
+
+- :mod:`~framework.landscape.hessian`: the largest eigenvalue of the Hessian over the weights
+  (power iteration on Hessian-vector products);
+- :mod:`~framework.landscape.gap`: the surrogate gap `L(w + rho g/||g||) - L(w)`;
+- :mod:`~framework.landscape.curve`: the 1-D loss curve along a filter-normalised random direction;
+- :mod:`~framework.landscape.params`: which parameters (the weights, not quantizer steps or search
+  logits), the loss closure, evaluation mode, vectors of tensors;
+- :mod:`~framework.landscape.batches`: mean cross-entropy over fixed batches drawn from a seed.
+
+Every function takes the model, a loss closure (`loss(model)` yields terms summing to `L(w)`) and the
+list of parameters; `mpq landscape` (framework.stages.landscape) runs the three on a checkpoint.
+"""
+
+from framework.landscape.batches import CrossEntropyOnBatches, fixed_batches
+from framework.landscape.curve import LossCurve, filter_normalized_direction, loss_curve
+from framework.landscape.gap import SurrogateGap, surrogate_gap
+from framework.landscape.hessian import TopEigenvalue, hessian_vector_product, top_hessian_eigenvalue
+from framework.landscape.params import LossTerms, evaluation, gradient, landscape_parameters, loss_value
+
+__all__ = [
+    "CrossEntropyOnBatches",
+    "LossCurve",
+    "LossTerms",
+    "SurrogateGap",
+    "TopEigenvalue",
+    "evaluation",
+    "filter_normalized_direction",
+    "fixed_batches",
+    "gradient",
+    "hessian_vector_product",
+    "landscape_parameters",
+    "loss_curve",
+    "loss_value",
+    "surrogate_gap",
+    "top_hessian_eigenvalue",
+]
