@@ -7,13 +7,12 @@ from omegaconf import OmegaConf
 from framework.config import validate_config
 from framework.errors import MPQError
 from framework.paths import CONF_DIR
+from framework.stages import STAGES as REGISTERED_STAGES
 from tests.conftest import compose_config
 
-STAGES = ["prepare", "pretrain", "search", "sweep", "finetune", "evaluate", "export", "cost", "pipeline"]
+STAGES = list(REGISTERED_STAGES)
 GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and not d.name.startswith("_"))
-#: conf/launcher/ray.yaml is on its way out (no schema accepts it)
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))
-           if not p.stem.startswith("_") and (g, p.stem) != ("launcher", "ray")]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml")) if not p.stem.startswith("_")]
 
 
 def _container(*overrides, stage="pretrain"):
