@@ -77,7 +77,7 @@ def command_overrides() -> list[str]:
 
 
 def plan_study(cfg: DictConfig, study_dir: Path) -> StudyPlan:
-    """Every run of `cfg.study`, in row order then seed order."""
+    """Every run of `cfg.study`: the rows at the first seed (in their order), then at the next seed, ..."""
     scfg = cfg.study
     inherited = command_overrides()
     shared = [*inherited, *scfg.overrides]
@@ -97,6 +97,9 @@ def plan_study(cfg: DictConfig, study_dir: Path) -> StudyPlan:
                 policy = f"random:{int(seed)}" if str(row["policy"]) == "random" else str(row["policy"])
             plan.runs.append(Run(str(row["name"]), int(seed), study_dir / "runs" / str(row["name"]) / f"seed{int(seed)}",
                                  tuple([*row_overrides, f"seed={int(seed)}"]), policy, bool(row.get("search"))))
+    # seed-major: every row at the first seed before any at the second, so a study cut short has all its rows
+    order = {int(seed): i for i, seed in enumerate(scfg.seeds)}
+    plan.runs.sort(key=lambda run: order[run.seed])  # stable: rows keep their order within a seed
     return plan
 
 
