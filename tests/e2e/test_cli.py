@@ -84,8 +84,10 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = read_result(tmp_path)
     assert result["status"] == "ok"
-    assert [row["stage"] for row in result["stages"]] == ["pretrain", "search", "finetune", "evaluate"]
-    stages = {name: read_result(tmp_path / name) for name in ("pretrain", "search", "finetune", "evaluate")}
+    assert [row["stage"] for row in result["stages"]] == [
+        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline"]
+    stages = {name: read_result(tmp_path / name) for name in (
+        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline")}
     assert stages["pretrain"]["metrics"]["steps"] == 20
     assert stages["search"]["metrics"]["steps"] == 6 and stages["finetune"]["metrics"]["steps"] == 6
     # the fine-tuned model is the searched policy, and evaluate scores the fine-tuned checkpoint
@@ -94,8 +96,17 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     assert stages["evaluate"]["metrics"]["top1"] == result["metrics"]["top1"] == stages["finetune"]["metrics"]["top1"]
     assert result["metrics"]["fp_top1"] == stages["pretrain"]["metrics"]["top1"]
     assert result["metrics"]["gbitops"] == pytest.approx(stages["search"]["metrics"]["gbitops"])
-    for line in ("mpq pipeline summary", "full-precision top-1", "quantized top-1", "GBitOps", "search", "finetune"):
+    for line in ("mpq pipeline summary", "full-precision top-1", "quantized top-1", "GBitOps", "search", "finetune",
+                 "uniform-budget (baseline)", "searched minus baseline"):
         assert line in proc.stdout
+    # beside it, the uniform baseline within the same budget, fine-tuned the same way from the same checkpoint
+    baseline = policy_layers(stages["finetune_baseline"]["artifacts"]["policy"])
+    assert len({(layer["w_bits"], layer["a_bits"]) for layer in baseline.values() if not layer["fixed"]}) == 1
+    assert stages["finetune_baseline"]["config"]["init_checkpoint"] == stages["finetune"]["config"]["init_checkpoint"]
+    assert stages["finetune_baseline"]["metrics"]["steps"] == stages["finetune"]["metrics"]["steps"]
+    assert result["metrics"]["baseline_gbitops"] <= stages["search"]["metrics"]["budget_gbitops"] * (1 + 1e-9)
+    assert result["metrics"]["baseline_top1"] == stages["evaluate_baseline"]["metrics"]["top1"]
+    assert result["metrics"]["top1_minus_baseline"] == pytest.approx(result["metrics"]["top1"] - result["metrics"]["baseline_top1"])
 
 
 def test_readme_names_the_two_commands():

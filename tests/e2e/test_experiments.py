@@ -58,7 +58,8 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     assert ran.pop("run_dir") == str(run_dir) and expected.pop("run_dir") is None
     assert ran == expected
 
-    assert [row["stage"] for row in result["stages"]] == ["pretrain", "search", "finetune", "evaluate"]
+    assert [row["stage"] for row in result["stages"]] == [
+        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline"]
     stages = {row["stage"]: read_result(run_dir / row["stage"]) for row in result["stages"]}
     for stage, count in steps.items():
         assert stages[stage]["metrics"]["steps"] == count, stage

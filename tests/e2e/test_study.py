@@ -8,8 +8,19 @@ from statistics import mean, stdev
 
 import pytest
 
+from framework.study.plan import compose_stage, plan_study
 from framework.study.report import compare
-from tests.conftest import assert_one_error_line, read_json, read_result, run_mpq, start_mpq, wait_for
+from tests.conftest import (
+    assert_one_error_line,
+    compose_config,
+    make_image_tree,
+    read_json,
+    read_result,
+    run_mpq,
+    run_stage,
+    start_mpq,
+    wait_for,
+)
 
 ROWS = ("uniform-budget", "random", "asga-mnist")
 SEEDS = (0, 1)
@@ -105,3 +116,30 @@ def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
     assert_one_error_line(proc, "study", "study=<name>")
     proc = run_mpq("study", "study=smoke", "+study.rows.0.search=dnas", f"hydra.run.dir={tmp_path / 'bad'}")
     assert_one_error_line(proc, "study", "uniform-budget", "exactly one of")
+
+
+def test_the_imagenet_study_composes_and_its_runs_take_a_few_steps_on_an_imagenet_shaped_tree(tmp_path):
+    """study=imagenet_resnet18 is meant for GPUs; here every run of it composes and validates, and the
+    pretraining and one searched run take two steps each on a tiny ImageFolder tree of JPEGs."""
+    tree = make_image_tree(tmp_path / "tree", classes=4, per_class=8, size=(48, 40), suffix=".jpg")
+    tiny = [f"data.root={tree}", f"proxy.root={tree}", "data.input_size=32", "proxy.fraction=0.5", "data.num_workers=0",
+            "train.max_steps=2", "train.batch_size=8", "train.eval_batch_size=16", "search.max_steps=2",
+            "search.batch_size=8", "finetune.max_steps=2", "finetune.batch_size=8", "landscape.batches=1",
+            "landscape.batch_size=8", "landscape.max_iters=2", "landscape.points=3", f"tracking.repo={tmp_path / 'aim'}"]
+    folder = tmp_path / "study"
+    plan = plan_study(compose_config("study", ["study=imagenet_resnet18", *tiny]), folder)
+    assert len(plan.runs) == 8 * 3
+    for run in plan.runs:
+        stages = ("search", "finetune", "evaluate", "landscape") if run.searches else ("finetune", "evaluate", "landscape")
+        for stage in stages:
+            cfg = compose_stage(stage, run.overrides, run.dir)
+            assert (cfg.model.name, cfg.data.name, cfg.seed) == ("resnet18", "imagefolder", run.seed)
+            if run.searches:
+                assert cfg.proxy.name == "imagefolder" and cfg.search.budget_uniform_bits == 4
+    args = ["study=imagenet_resnet18", *tiny, f"study.dir={folder}"]
+    run_stage("study", folder / "slurm" / "pretrain", *args, "study.only=pretrain")
+    run_stage("study", folder / "slurm" / "asga-in4" / "seed0", *args, "study.only=asga-in4/0")
+    record = read_json(folder / "runs" / "asga-in4" / "seed0" / "run.json")
+    assert record["search"]["steps"] == 2 and 0.0 <= record["top1"] <= 1.0
+    assert record["bitops"] <= record["policy_budget"]["bitops"] * (1 + 1e-9)
+    assert "layer4.1.conv2" in record["policy"]  # a ResNet-18 policy

@@ -100,3 +100,19 @@ def test_multirun_sends_each_sweep_point_as_a_slurm_job(slurm_cluster, tmp_path,
     assert [r["config"]["seed"] for r in results] == [0, 1]
     assert all(r["config"]["resume"] for r in results)  # a requeued point would continue from its checkpoint
     assert len(list((tmp_path / ".submitit").iterdir())) >= 2  # the jobs Hydra's launcher submitted
+
+
+def test_a_study_runs_one_slurm_job_per_row_and_seed(slurm_cluster, tmp_path, pretrained_checkpoint):
+    proc = run_mpq("study", "study=smoke", "study.seeds=[0]", f"study.init_checkpoint={pretrained_checkpoint}",
+                   "launcher=slurm", "launcher.poll_seconds=0.5", "tracking.enabled=false", f"hydra.run.dir={tmp_path}",
+                   env=slurm_cluster, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = ("uniform-budget", "random", "asga-mnist")
+    assert proc.stdout.count("submitted Slurm job") == len(rows)
+    for row in rows:
+        job = read_json(tmp_path / "slurm" / row / "seed0" / "result.json")  # what ran inside the job
+        assert job["status"] == "ok" and job["config"]["launcher"]["name"] == "local"
+        assert job["config"]["study"]["only"] == f"{row}/0"
+        assert (tmp_path / "runs" / row / "seed0" / "run.json").is_file()
+    report = read_json(tmp_path / "study.json")
+    assert [row["name"] for row in report["rows"]] == list(rows) and all(row["n"] == 1 for row in report["rows"])
