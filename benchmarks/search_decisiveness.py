@@ -28,7 +28,7 @@ def _search_numbers(search_dir: Path) -> dict[str, float] | None:
     probs = policy["provenance"]["probabilities"]
     dists = [dist[side] for dist in probs.values() for side in ("w", "a")]
     entropy = [-sum(p * math.log(p) for p in d if p > 0) / math.log(len(d)) for d in dists]
-    trace = result.get("extra", {}).get("rho_trace") or []
+    trace = result.get("rho_trace") or []
     fit = policy.get("repair", {})
     return {
         "max_p": mean(max(d) for d in dists),

@@ -78,9 +78,11 @@ def execute_run(plan: StudyPlan, run: Run, landscape: bool) -> dict[str, Any]:
         policy = found["artifacts"]["policy"]
         m = found["metrics"]
         record["search"] = {k: m.get(k) for k in (
-            "method", "proxy_top1", "gbitops", "seconds", "steps", "images_processed", "rho", "repair_applied")}
-        record["search"]["proxy"] = {k: found.get("extra", {}).get("proxy", {}).get(k) for k in ("dataset", "fraction", "size")}
-        record["search"]["rho_trace"] = found.get("extra", {}).get("rho_trace", [])
+            "proxy_top1", "gbitops", "seconds", "steps", "images_processed", "rho", "repair_applied")}
+        record["search"]["method"] = (found.get("config") or {}).get("search", {}).get("method")
+        # a result's extra keys sit at the top level of its result.json
+        record["search"]["proxy"] = {k: (found.get("proxy") or {}).get(k) for k in ("dataset", "fraction", "size")}
+        record["search"]["rho_trace"] = found.get("rho_trace") or []
         record["stage_seconds"]["search"] = m.get("seconds")
     fine = run_stage_once("finetune", run.overrides, run.dir / "finetune", run_finetune, init_checkpoint=fp, policy=policy)
     checkpoint = fine["artifacts"]["checkpoint"]
