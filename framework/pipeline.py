@@ -161,12 +161,12 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         ]
     lines += [
         "",
-        f"  {'stage':<14}{'time (s)':>10}   result",
+        f"  {'stage':<18}{'time (s)':>10}   result",
     ]
     for row in rows:
         note = _stage_note(row["stage"], row["metrics"])
-        lines.append(f"  {row['stage']:<14}{row['seconds']:>10.1f}   {note}")
-    lines.append(f"  {'total':<14}{sum(r['seconds'] for r in rows):>10.1f}")
+        lines.append(f"  {row['stage']:<18}{row['seconds']:>10.1f}   {note}")
+    lines.append(f"  {'total':<18}{sum(r['seconds'] for r in rows):>10.1f}")
     if policy_stage == "sweep" and len(candidates or []) > 1:
         lines += ["", f"  {'policy':<8}{'trial':<14}{'proxy top-1':>12}{'GBitOps':>10}{'top-1':>10}   (best on the proxy first)"]
         for rank, c in enumerate(candidates or []):
