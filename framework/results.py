@@ -74,3 +74,12 @@ def write_result(run_dir: str | Path, result: Result, cfg: DictConfig | dict | N
 def read_result(run_dir: str | Path) -> dict[str, Any]:
     """Read `run_dir/result.json`."""
     return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+def finished_result(run_dir: str | Path) -> dict[str, Any] | None:
+    """`run_dir/result.json` if the stage there finished (status ok), else None (absent, unreadable or not ok)."""
+    try:
+        result = read_result(run_dir)
+    except (OSError, ValueError):
+        return None
+    return result if result.get("status") == "ok" else None

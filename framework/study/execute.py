@@ -14,17 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from framework.results import atomic_write_text
+from framework.results import atomic_write_text, finished_result
 from framework.study.plan import Run, StudyPlan, compose_stage
-
-
-def finished_result(stage_dir: Path) -> dict[str, Any] | None:
-    """The stage's result.json if it finished (status ok), else None."""
-    try:
-        result = json.loads((stage_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return result if result.get("status") == "ok" else None
 
 
 def run_stage_once(stage: str, overrides, stage_dir: Path, function: Callable, **updates) -> dict[str, Any]:

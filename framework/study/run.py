@@ -10,7 +10,6 @@ report is written once they have all finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from framework.errors import MPQError
-from framework.results import Result, write_result
+from framework.results import Result, finished_result, write_result
 from framework.stage import run_directory
-from framework.study.execute import execute_run, finished_result, read_run, run_pretrain_once
+from framework.study.execute import execute_run, read_run, run_pretrain_once
 from framework.study.plan import StudyPlan, plan_study
 from framework.study.report import build_report, write_report
 
@@ -131,7 +130,3 @@ def _dispatch(plan: StudyPlan, launch: Launch) -> None:
     if missing:
         raise MPQError(f"study {plan.name}: the Slurm jobs ended but {len(missing)} runs have no run.json "
                        f"({', '.join(missing[:3])}); see {plan.dir / 'slurm'}")
-
-
-def read_study(folder: Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "study.json").read_text())

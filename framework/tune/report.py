@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 
 from framework.errors import MPQError
 from framework.policy import read_policy, write_policy
+from framework.results import finished_result
 from framework.tune.plan import Plan
-from framework.tune.trial import AIM_RUN, TrialContext, finished_result, read_attempts
+from framework.tune.trial import AIM_RUN, TrialContext, read_attempts
 
 
 def _error_summary(error: Any) -> str:

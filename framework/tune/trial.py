@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from framework.errors import MPQError
+from framework.results import finished_result
 from framework.tune.plan import TrialSpec, trial_config
 
 ATTEMPTS = "attempts.jsonl"
@@ -79,15 +80,6 @@ def checkpoint_step(run_dir: Path) -> int | None:
         return int(json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"])
     except (OSError, ValueError, KeyError):
         return None
-
-
-def finished_result(run_dir: Path) -> dict[str, Any] | None:
-    """The search's result.json in `run_dir` if it finished (status ok), else None."""
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return result if result.get("status") == "ok" else None
 
 
 def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
