@@ -8,5 +8,12 @@ is a bug and keeps its traceback.
 
 
 class MPQError(Exception):
-    """A user-facing error: one line naming what is wrong and how to fix it."""
+    """A user-facing error: one line naming what is wrong and how to fix it.
+
+    `details` (optional) are recorded beside the message in the run's `result.json` (for example
+    the measurements that made a check fail)."""
+
+    def __init__(self, message: str, *, details: dict | None = None):
+        super().__init__(message)
+        self.details = dict(details or {})
 

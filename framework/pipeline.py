@@ -17,9 +17,14 @@ from framework.results import Result, write_result
 from framework.search.loop import run_search
 from framework.stage import run_directory, sub_config
 from framework.stages.evaluate import run_evaluate
+from framework.stages.export import run_export
 from framework.stages.finetune import run_finetune
 from framework.stages.pretrain import run_pretrain
 from framework.tune.sweep import run_sweep
+
+#: what the pipeline's result.json keeps of the export's metrics
+EXPORT_SUMMARY = ("packed_top1", "onnx_top1", "onnx_default_top1", "agreement", "images", "packed_weight_bytes",
+                  "policy_weight_bits", "safetensors_bytes", "onnx_bytes", "float32_bytes")
 
 #: the policy a searched one is compared with (`pipeline.baseline`): the highest uniform W/A within the budget
 BASELINE_POLICY = "uniform-budget"
@@ -37,9 +42,11 @@ def run_pipeline(cfg: DictConfig) -> Result:
     `finetune/` and `evaluate/`, the others in `finetune_top<i>/` and `evaluate_top<i>/`. The
     summary's headline is the sweep's selected policy (the best on the proxy); the others are listed
     beside it, since picking among them by their test top-1 would select on the test split.
-    With `pipeline.baseline` (the default) the `uniform-budget` policy (the highest uniform W/A
-    within the search's budget) is fine-tuned and evaluated the same way in `finetune_baseline/`
-    and `evaluate_baseline/`, and the summary shows it beside the searched policy.
+    With `pipeline.export` (the default) the fine-tuned model is exported (`mpq export`, in
+    `export/`) and the summary shows its packed size and parity. With `pipeline.baseline` (the
+    default) the `uniform-budget` policy (the highest uniform W/A within the search's budget) is
+    fine-tuned and evaluated the same way in `finetune_baseline/` and `evaluate_baseline/`, and the
+    summary shows it beside the searched policy.
     """
     stage = "pipeline"
     run_dir = run_directory(cfg, stage)
@@ -85,6 +92,12 @@ def run_pipeline(cfg: DictConfig) -> Result:
             ev = evaluated
             artifacts.update(fp_checkpoint=fp_checkpoint, checkpoint=fine.artifacts["checkpoint"])
 
+    exported = None
+    if cfg.pipeline.export:
+        # the fine-tuned model as integer artifacts (model.safetensors, model.onnx), with its parity check
+        exported = timed("export", run_export, sub_config(cfg, run_dir / "export", checkpoint=artifacts["checkpoint"]))
+        artifacts.update(safetensors=exported.artifacts["safetensors"], onnx=exported.artifacts["onnx"])
+
     baseline = None
     if cfg.pipeline.baseline and policy_stage is not None:
         # the same fine-tuning of the highest uniform bits within the same budget: did the search help?
@@ -116,6 +129,8 @@ def run_pipeline(cfg: DictConfig) -> Result:
     if policy_stage == "sweep":
         metrics["selected_trial"] = rows[1]["metrics"]["selected_trial"]
         extra["finetuned"] = candidates
+    if exported is not None:
+        metrics["export"] = {k: exported.metrics[k] for k in EXPORT_SUMMARY}
     result = Result(stage, metrics=metrics, artifacts=artifacts, extra=extra)
     write_result(run_dir, result, cfg)
     print(format_summary(cfg, metrics, rows, run_dir, policy_stage, candidates, baseline))
@@ -130,6 +145,9 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
     if stage == "sweep":
         return (f"{m['finished']} of {m['trials']} trials finished ({m['stopped']} stopped early); selected trial "
                 f"{m['selected_trial']}: proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps")
+    if stage == "export":
+        return (f"packed {m['packed_top1']:.2f} %, onnxruntime {m['onnx_top1']:.2f} %, "
+                f"{100 * m['agreement']:.2f} % same predictions ({m['images']} images)")
     if stage.startswith("evaluate"):
         return f"top-1 {100 * m['top1']:.2f} % on {m['samples']} test images"
     return f"top-1 {100 * m['top1']:.2f} % ({m['steps']} steps)"
@@ -159,6 +177,18 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
             f"  searched minus baseline: {100 * (metrics['top1'] - baseline['top1']):+.2f} points (one seed: "
             f"`mpq study` gives the seed spread)",
         ]
+    exported = metrics.get("export")
+    if exported:
+        kib = 1024
+        lines += [
+            f"  exported               weights {exported['packed_weight_bytes'] / kib:.1f} KiB packed (policy "
+            f"{exported['policy_weight_bits'] / 8 / kib:.1f} KiB), model.safetensors "
+            f"{exported['safetensors_bytes'] / kib:.1f} KiB, model.onnx {exported['onnx_bytes'] / kib:.1f} KiB; "
+            f"float32 {exported['float32_bytes'] / kib:.1f} KiB",
+            f"  export parity          packed {exported['packed_top1']:.2f} %, onnxruntime {exported['onnx_top1']:.2f} % "
+            f"(default optimisations {exported['onnx_default_top1']:.2f} %), same prediction as the framework on "
+            f"{100 * exported['agreement']:.2f} % of {exported['images']} images",
+        ]
     lines += [
         "",
         f"  {'stage':<18}{'time (s)':>10}   result",
@@ -173,7 +203,8 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
             lines.append(f"  #{rank + 1:<7}{c['trial']:<14}{100 * c['proxy_top1']:>10.2f} %{c['gbitops']:>10.4f}"
                          f"{100 * c['top1']:>8.2f} %")
     where = {"search": "search/policy.json, ", "sweep": "sweep/policy.json, sweep/pareto.png, "}.get(policy_stage, "")
-    lines.append(f"outputs: {run_dir}  (result.json; pretrain/, {where}finetune/checkpoints/)")
+    exports = ", export/model.safetensors, export/model.onnx" if exported else ""
+    lines.append(f"outputs: {run_dir}  (result.json; pretrain/, {where}finetune/checkpoints/{exports})")
     return "\n".join(lines)
 
 

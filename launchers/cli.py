@@ -133,7 +133,7 @@ def _task(cfg) -> None:
     except Interrupted as err:
         fail("interrupted", str(err), 143, artifacts={"checkpoint": str(err.checkpoint)}, step=err.step)
     except MPQError as err:
-        fail("error", str(err), 2)
+        fail("error", str(err), 2, **getattr(err, "details", {}))
     except KeyboardInterrupt:
         print(f"mpq {stage}: interrupted", file=sys.stderr)
         sys.exit(130)

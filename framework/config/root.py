@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from framework.config.data import DataConfig
 from framework.config.dist import DistConfig
+from framework.config.export import ExportConfig
 from framework.config.finetune import FinetuneConfig
 from framework.config.landscape import LandscapeConfig
 from framework.config.launcher import LocalLauncher, SlurmLauncher
@@ -36,11 +37,12 @@ def _splits() -> tuple[str, ...]:
 
 class PipelineConfig(Schema):
     """`pipeline`: a fixed policy instead of the search, or a sweep instead of it; the uniform
-    baseline within the same budget fine-tuned beside the searched policy."""
+    baseline within the same budget fine-tuned beside the searched policy; the export of the result."""
 
     policy: Text | None
     sweep: Flag
     baseline: Flag
+    export: Flag
 
 
 class PrepareConfig(Schema):
@@ -78,6 +80,7 @@ class RootConfig(Schema):
     search: SearchConfig
     finetune: FinetuneConfig
     landscape: LandscapeConfig
+    export: ExportConfig
     tracking: TrackingConfig
     tune: TuneConfig | None = None  # absent from a sweep trial's config only
     launcher: Annotated[LocalLauncher | SlurmLauncher, Field(discriminator="name")] | None = None  # likewise

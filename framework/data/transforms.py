@@ -16,12 +16,17 @@ if TYPE_CHECKING:
     from framework.data.spec import DatasetSpec
 
 
-def _normalise(spec: DatasetSpec, channels: int) -> T.Normalize:
+def normalisation(spec: DatasetSpec, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) per channel that images of `spec` are normalised with at `channels` channels."""
     mean, std = spec.mean, spec.std
     if len(mean) != channels:  # gray statistics replicated, or RGB statistics averaged to gray
         mean = (sum(mean) / len(mean),) * channels
         std = (sum(std) / len(std),) * channels
-    return T.Normalize(mean, std)
+    return tuple(mean), tuple(std)
+
+
+def _normalise(spec: DatasetSpec, channels: int) -> T.Normalize:
+    return T.Normalize(*normalisation(spec, channels))
 
 
 def build_transform(spec: DatasetSpec, input_size: int | None, channels: int, train: bool, augment: bool):

@@ -47,7 +47,7 @@ def lsq_fake_quant(
     shaped to broadcast (per tensor or per output channel); the bounds are tensors so one compiled
     kernel serves every bit-width."""
     scaled = step * grad_scale
-    s = (step - scaled).detach() + scaled
+    s = step.detach() + (scaled - scaled.detach())  # exactly `step` forward (what an export stores), g backward
     return round_ste(torch.clamp(x / s, qn, qp)) * s
 
 

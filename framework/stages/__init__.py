@@ -50,6 +50,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("evaluate", "framework.stages.evaluate:run_evaluate", "top-1 of a checkpoint on the target's test split"),
     Stage("landscape", "framework.stages.landscape:run_landscape",
           "Hessian top eigenvalue, surrogate gap and 1-D loss curve of a checkpoint"),
+    Stage("export", "framework.stages.export:run_export",
+          "a fine-tuned checkpoint as bit-packed safetensors and ONNX (QDQ), with a parity check"),
     Stage("cost", "framework.stages.cost:run_cost", "MACs, BitOps and size of a model under a policy, without data"),
     Stage("pipeline", "framework.pipeline:run_pipeline", "pretrain, search (or sweep), finetune, evaluate, with a summary"),
     Stage("study", "framework.study.run:run_study",

@@ -12,6 +12,7 @@ from framework.policy import write_policy
 from framework.quant.cost import float_parameter_count, policy_cost, trace_layers
 from framework.results import Result
 from framework.stage import (
+    Geometry,
     check_classes,
     checkpoint_geometry,
     checkpoint_model,
@@ -31,10 +32,13 @@ def run_evaluate(cfg: DictConfig) -> Result:
     `cfg.data`. A quantized checkpoint is evaluated under its own policy; `policy=uniform:W/A` (or
     `random:<seed>`, `uniform-budget`, `<policy.json>`) quantizes a full-precision checkpoint after
     training (LSQ steps initialised on one training batch). BitOps and size are at the checkpoint's
-    input size.
+    input size. `checkpoint=<export run>/model.safetensors` scores a model `mpq export` wrote
+    (:func:`run_evaluate_packed`).
     """
     if not cfg.checkpoint:
         raise MPQError("evaluate needs checkpoint=<checkpoint directory>, e.g. checkpoint=outputs/pretrain/<run>/checkpoints/last")
+    if str(cfg.checkpoint).endswith(".safetensors"):
+        return run_evaluate_packed(cfg)
     run_dir, device = start_stage(cfg, "evaluate")
     ckpt = load_checkpoint(cfg.checkpoint)
     meta = ckpt.meta["model"]
@@ -67,4 +71,29 @@ def run_evaluate(cfg: DictConfig) -> Result:
     result = Result("evaluate", metrics=metrics, artifacts=artifacts,
                     extra={"data": test_set.mpq_info, "model": meta, "tracking": tracker.info(),
                            "quantized": policy is not None})
+    return finish_stage(run_dir, result, cfg)
+
+
+def run_evaluate_packed(cfg: DictConfig) -> Result:
+    """Top-1 of an exported `model.safetensors` (`mpq export`) on the test split of `cfg.data`: the
+    packed model rebuilt from the file alone (framework.export.load_packed), at the input size and
+    channels the file records."""
+    from framework.export import read_packed
+
+    run_dir, device = start_stage(cfg, "evaluate")
+    packed = read_packed(cfg.checkpoint)
+    info = packed.input
+    data_cfg = data_config_at(cfg.data, Geometry(int(info["size"]), int(info["channels"])))
+    test_set = build_dataset(data_cfg, "test")
+    classes = int(packed.model["num_classes"])
+    if classes != test_set.mpq_info["num_classes"]:
+        raise MPQError(f"{cfg.checkpoint} predicts {classes} classes but dataset '{cfg.data.name}' has "
+                       f"{test_set.mpq_info['num_classes']}; pick the data=<name> it was trained on")
+    model = packed.runnable().to(device)
+    started = time.time()
+    val = evaluate(model, build_loader(test_set, cfg.train.eval_batch_size, False, data_cfg), device)
+    metrics = {"top1": val["top1"], "loss": val["loss"], "samples": val["samples"],
+               "seconds": round(time.time() - started, 2), "input_size": int(info["size"])}
+    result = Result("evaluate", metrics=metrics, artifacts={"packed_model": str(cfg.checkpoint)},
+                    extra={"data": test_set.mpq_info, "model": packed.model, "quantized": True, "packed": True})
     return finish_stage(run_dir, result, cfg)
