@@ -12,8 +12,11 @@ written directly from the :class:`ExportGraph`:
   int4/uint4 for 3-4-bit weights and 4-bit grids from opset 21, int8/uint8 otherwise (opset 13:
   int8/uint8 containers only). An activation grid uses the narrow type only when its range is the
   type's whole range (LSQ's [-8, 7] or [0, 15]); others (PACT's symmetric [-7, 7], 3 bits) use Clip;
-- conv -> Conv, linear -> Gemm(transB=1), relu -> Relu, clip -> Clip, add -> Add,
-  maxpool -> MaxPool, global_avgpool -> GlobalAveragePool, flatten -> Flatten(axis=1).
+- conv -> Conv, linear -> Gemm(transB=1), each followed by an `Add` of its float bias, relu -> Relu,
+  clip -> Clip, add -> Add, maxpool -> MaxPool, global_avgpool -> GlobalAveragePool,
+  flatten -> Flatten(axis=1). The bias is not the Conv's own input because onnxruntime (1.32, from
+  its basic optimisation level) quantizes such a float bias to int32 at the scale `s_x * s_w`,
+  rounding it by up to half an output step (benchmarks/onnx_bias.py measures what that does).
 
 The IR version is the smallest the opset needs (`onnx.helper.find_min_ir_version_for`), since
 `make_model` stamps the newest, which older onnxruntime releases reject.
@@ -80,10 +83,10 @@ def _int_tensor(name: str, data_type: int, width: int, values: np.ndarray, signe
 
 
 class _OnnxBuilder:
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, bias: str = "add"):
         from onnx import helper, numpy_helper
 
-        self.helper, self.numpy_helper, self.opset = helper, numpy_helper, opset
+        self.helper, self.numpy_helper, self.opset, self.bias = helper, numpy_helper, opset, bias
         self.nodes: list = []
         self.initializers: list = []
 
@@ -124,14 +127,17 @@ class _OnnxBuilder:
     def layer(self, node: dict[str, Any], layer: IntegerLayer, source: str, after_clip: bool) -> str:
         x = self.quantized_input(layer, source, after_clip) if layer.input is not None else source
         inputs = [x, self.weight(layer)]
-        out = node["name"] if layer.bias is None else f"{node['name']}.no_bias"
+        if layer.bias is not None and self.bias == "node":  # the bias as the Conv/Gemm's third input
+            inputs.append(self.const(f"{layer.name}.bias", layer.bias.astype(np.float32)))
+        separate = layer.bias is not None and self.bias == "add"
+        out = f"{node['name']}.no_bias" if separate else node["name"]
         if layer.kind == "linear":
             out = self.node("Gemm", inputs, out, transB=1)
         else:
             a = layer.attrs
             out = self.node("Conv", inputs, out, strides=a["stride"], pads=list(a["padding"]) * 2,
                             dilations=a["dilation"], group=a["groups"], kernel_shape=list(layer.shape[2:]))
-        if layer.bias is None:
+        if not separate:
             return out
         shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
         bias = self.const(f"{layer.name}.bias", layer.bias.astype(np.float32).reshape(shape))
@@ -190,13 +196,18 @@ def _assemble(builder: _OnnxBuilder, name: str, output: str, input_shape: list, 
     return model
 
 
-def build_onnx(graph: ExportGraph, opset: int, input_spec: dict[str, Any], metadata: dict[str, Any]):
+def build_onnx(graph: ExportGraph, opset: int, input_spec: dict[str, Any], metadata: dict[str, Any],
+               bias: str = "add"):
     """The ONNX model of `graph` at `opset` (13, 21 or 25), checked by `onnx.checker` (full check).
 
     `input_spec` gives the channels and size of the input (the batch is dynamic); `metadata`
-    (model, policy, input) goes into the model's metadata_props as JSON strings."""
+    (model, policy, input) goes into the model's metadata_props as JSON strings. `bias`: "add" (a
+    float `Add` after the Conv/Gemm, what `mpq export` writes) or "node" (the Conv/Gemm's own bias
+    input, which onnxruntime's optimisations quantize to int32: benchmarks/onnx_bias.py)."""
     _check_opset(opset)
-    builder = _OnnxBuilder(opset)
+    if bias not in ("add", "node"):
+        raise ValueError(f"bias={bias!r}: choose add or node")
+    builder = _OnnxBuilder(opset, bias)
     names: dict[str, str] = {}
     ops = {node["name"]: node["op"] for node in graph.nodes}
     for node in graph.nodes:
