@@ -146,7 +146,7 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
         return (f"{m['finished']} of {m['trials']} trials finished ({m['stopped']} stopped early); selected trial "
                 f"{m['selected_trial']}: proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps")
     if stage == "export":
-        return (f"packed {m['packed_top1']:.2f} %, onnxruntime {m['onnx_top1']:.2f} %, "
+        return (f"packed {100 * m['packed_top1']:.2f} %, onnxruntime {100 * m['onnx_top1']:.2f} %, "
                 f"{100 * m['agreement']:.2f} % same predictions ({m['images']} images)")
     if stage.startswith("evaluate"):
         return f"top-1 {100 * m['top1']:.2f} % on {m['samples']} test images"
@@ -185,8 +185,8 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
             f"{exported['policy_weight_bits'] / 8 / kib:.1f} KiB), model.safetensors "
             f"{exported['safetensors_bytes'] / kib:.1f} KiB, model.onnx {exported['onnx_bytes'] / kib:.1f} KiB; "
             f"float32 {exported['float32_bytes'] / kib:.1f} KiB",
-            f"  export parity          packed {exported['packed_top1']:.2f} %, onnxruntime {exported['onnx_top1']:.2f} % "
-            f"(default optimisations {exported['onnx_default_top1']:.2f} %), same prediction as the framework on "
+            f"  export parity          packed {100 * exported['packed_top1']:.2f} %, onnxruntime {100 * exported['onnx_top1']:.2f} % "
+            f"(default optimisations {100 * exported['onnx_default_top1']:.2f} %), same prediction as the framework on "
             f"{100 * exported['agreement']:.2f} % of {exported['images']} images",
         ]
     lines += [

@@ -151,11 +151,11 @@ def compare(framework: nn.Module, packed: nn.Module, sessions: dict[str, Any], b
             if progress is not None:
                 progress(len(labels_np))
     n, has_step = max(count, 1), step is not None
-    report: dict[str, Any] = {"images": count, "exact": {"top1": 100.0 * correct["exact"] / n},
-                              "framework": {"top1": 100.0 * correct["framework"] / n,
+    report: dict[str, Any] = {"images": count, "exact": {"top1": correct["exact"] / n},
+                              "framework": {"top1": correct["framework"] / n,
                                             **against_exact["framework"].report(has_step, "_exact")}}
     for key in runtimes:
-        report[key] = {"top1": 100.0 * correct[key] / n, **against_framework[key].report(has_step),
+        report[key] = {"top1": correct[key] / n, **against_framework[key].report(has_step),
                        **against_exact[key].report(has_step, "_exact")}
     return report
 

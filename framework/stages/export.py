@@ -244,15 +244,15 @@ def format_export(metrics: dict[str, Any], report: dict[str, Any], run_dir: Path
         f"  {'':<24}{'':>9}{'vs the framework (float32)':^36}{'vs exact (float64)':^24}",
         f"  {'runtime':<24}{'top-1':>9}{'same pred.':>12}{'max steps':>11}{'< 1/2 step':>13}{'same pred.':>12}"
         f"{'max steps':>12}",
-        f"  {'framework (float32)':<24}{report['framework']['top1']:>8.2f}%{'':>36}"
+        f"  {'framework (float32)':<24}{100 * report['framework']['top1']:>8.2f}%{'':>36}"
         f"{100 * report['framework']['agreement_exact']:>11.2f}%{steps(report['framework']['max_diff_steps_exact']):>12}",
-        f"  {'framework (float64)':<24}{report['exact']['top1']:>8.2f}%",
+        f"  {'framework (float64)':<24}{100 * report['exact']['top1']:>8.2f}%",
     ]
     for key, label in (("packed", "packed (safetensors)"), ("onnx_off", "onnxruntime, opt off"),
                        ("onnx_default", "onnxruntime, default")):
         row = report[key]
         half = "-" if row["within_half_step"] is None else f"{100 * row['within_half_step']:.2f}%"
-        lines.append(f"  {label:<24}{row['top1']:>8.2f}%{100 * row['agreement']:>11.2f}%{steps(row['max_diff_steps']):>11}"
+        lines.append(f"  {label:<24}{100 * row['top1']:>8.2f}%{100 * row['agreement']:>11.2f}%{steps(row['max_diff_steps']):>11}"
                      f"{half:>13}{100 * row['agreement_exact']:>11.2f}%{steps(row['max_diff_steps_exact']):>12}")
     lines.append(f"  on {report['images']} test images; max steps: the largest logit difference in output steps of "
                  f"the last layer")

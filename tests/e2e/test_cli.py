@@ -85,7 +85,7 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     result = read_result(tmp_path)
     assert result["status"] == "ok"
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline"]
+        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline"]
     stages = {name: read_result(tmp_path / name) for name in (
         "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline")}
     assert stages["pretrain"]["metrics"]["steps"] == 20
@@ -97,8 +97,15 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     assert result["metrics"]["fp_top1"] == stages["pretrain"]["metrics"]["top1"]
     assert result["metrics"]["gbitops"] == pytest.approx(stages["search"]["metrics"]["gbitops"])
     for line in ("mpq pipeline summary", "full-precision top-1", "quantized top-1", "GBitOps", "search", "finetune",
-                 "uniform-budget (baseline)", "searched minus baseline"):
+                 "uniform-budget (baseline)", "searched minus baseline", "exported", "export parity"):
         assert line in proc.stdout
+    # the fine-tuned model exported, its parity checked on the test images the evaluation used
+    exported = read_result(tmp_path / "export")
+    assert exported["artifacts"]["checkpoint"] == stages["finetune"]["artifacts"]["checkpoint"]
+    assert exported["metrics"]["framework_top1"] == pytest.approx(stages["evaluate"]["metrics"]["top1"])
+    assert exported["metrics"]["images"] == stages["evaluate"]["metrics"]["samples"]
+    assert result["metrics"]["export"]["packed_top1"] == exported["metrics"]["packed_top1"]
+    assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "export" / "model.onnx").is_file()
     # beside it, the uniform baseline within the same budget, fine-tuned the same way from the same checkpoint
     baseline = policy_layers(stages["finetune_baseline"]["artifacts"]["policy"])
     assert len({(layer["w_bits"], layer["a_bits"]) for layer in baseline.values() if not layer["fixed"]}) == 1

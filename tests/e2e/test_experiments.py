@@ -59,7 +59,7 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     assert ran == expected
 
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline"]
+        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline"]
     stages = {row["stage"]: read_result(run_dir / row["stage"]) for row in result["stages"]}
     for stage, count in steps.items():
         assert stages[stage]["metrics"]["steps"] == count, stage

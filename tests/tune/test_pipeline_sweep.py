@@ -22,7 +22,8 @@ def test_pipeline_with_a_sweep_finetunes_the_top_k_policies(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = read_json(tmp_path / "result.json")
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "sweep", "finetune", "evaluate", "finetune_top2", "evaluate_top2", "finetune_baseline", "evaluate_baseline"]
+        "pretrain", "sweep", "finetune", "evaluate", "finetune_top2", "evaluate_top2", "export", "finetune_baseline",
+        "evaluate_baseline"]
     sweep = read_json(tmp_path / "sweep" / "result.json")
     assert sweep["metrics"]["finished"] == 2 and (tmp_path / "sweep" / "pareto.png").exists()
     top = sweep["selection"]["top"]
