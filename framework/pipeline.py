@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from framework.results import Result, write_result
-from framework.search.loop import run_search
+from framework.search.loop import check_search_budget, run_search
 from framework.stage import run_directory, sub_config
 from framework.stages.evaluate import run_evaluate
 from framework.stages.export import run_export
@@ -59,6 +59,8 @@ def run_pipeline(cfg: DictConfig) -> Result:
         rows.append({"stage": name, "seconds": time.time() - started, "metrics": result.metrics})
         return result
 
+    if not cfg.pipeline.policy and not cfg.pipeline.sweep:
+        check_search_budget(cfg)  # an impossible budget is an error now, not after pretraining
     pre = timed("pretrain", run_pretrain, sub_config(cfg, run_dir / "pretrain"))
     fp_checkpoint = pre.artifacts["checkpoint"]
     fixed_policy = cfg.pipeline.policy

@@ -9,6 +9,7 @@ with status 2.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
@@ -48,11 +49,107 @@ def check_group_choices(overrides: list[str]) -> str | None:
             continue
         for value in filter(None, match["value"].split(",")):
             if value != "null" and value not in groups[match["group"]]:
+                close = difflib.get_close_matches(value, groups[match["group"]], n=1, cutoff=0.6)
+                hint = f"did you mean '{match['group']}={close[0]}'? " if close else ""
                 return (
-                    f"unknown {match['group']} '{value}'; choose one of: {', '.join(groups[match['group']])}"
+                    f"unknown {match['group']} '{value}'; {hint}choose one of: {', '.join(groups[match['group']])}"
                     f" (config files in conf/{match['group']}/)"
                 )
     return None
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    """Every key of a composed config as a dotted path (`train.epochs`), intermediate nodes included."""
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in node.keys() if isinstance(node, DictConfig) else ():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            keys.extend(_dotted_keys(child, path + "."))
+    return keys
+
+
+def _closest_key(key: str, known: list[str]) -> str | None:
+    """The known dotted key a mistyped one most probably meant: the closest full path
+    (`train.epochz` -> `train.epochs`), else the path whose last part is closest to the key's last
+    part (`epochs` -> `train.epochs`)."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    by_leaf: dict[str, str] = {}
+    for path in sorted(known, key=lambda p: p.count(".")):  # the shallowest path of each leaf name
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], path)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
+    return "; ".join(lines[:2]) or type(err).__name__
+
+
+def check_overrides(stage: str, overrides: list[str]) -> str | None:
+    """One line naming what is wrong with the command line's overrides, or None: bad override syntax
+    (Hydra's grammar), a key the config does not have (with the key probably meant) or any other
+    reason Hydra cannot compose the config from them. A sweep (`a=1,2`, `range(...)`) is checked
+    with its first value; `hydra.*` overrides are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for item in overrides:
+        try:
+            (override,) = parser.parse_overrides([item])
+        except HydraException as err:
+            return f"cannot parse the override '{item}' ({_first_line(err.__cause__ or err)}); write key=value, quoting values with spaces or brackets"
+        if not override.key_or_group.startswith("hydra"):
+            parsed.append(override)
+
+    def single(override) -> str:
+        """The override with a sweep replaced by its first value (`lr=0.1,0.2` -> `lr=0.1`)."""
+        if override.type == OverrideType.DEL and override.value() is None:
+            return override.get_key_element()
+        if override.is_sweep_override():
+            value = next(iter(override.sweep_string_iterator()), "")
+        else:
+            value = override.get_value_element_as_str()
+        return f"{override.get_key_element()}={value}"
+
+    groups = _config_groups()
+    group_overrides = [single(o) for o in parsed if o.key_or_group.split("/")[0] in groups]
+    key_overrides = [o for o in parsed if o.key_or_group.split("/")[0] not in groups]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            base = compose("config", overrides=[*group_overrides, f"stage={stage}"])
+            known = _dotted_keys(base)
+            for override in key_overrides:
+                if override.type != OverrideType.CHANGE or override.package is not None:
+                    continue
+                key = override.key_or_group
+                if OmegaConf.select(base, key, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
+                    meant = _closest_key(key, known)
+                    hint = f"did you mean '{meant}'? " if meant else ""
+                    return (f"unknown key '{key}' in the override '{override.input_line}'; {hint}"
+                            f"`mpq {stage} --cfg job` prints every key (+{key}=... adds a new one)")
+            compose("config", overrides=[*group_overrides, *(single(o) for o in key_overrides), f"stage={stage}"])
+    except (HydraException, OmegaConfBaseException) as err:
+        return f"cannot apply the overrides ({_first_line(err)})"
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+_ABSENT = object()
 
 
 _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -178,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"mpq: error: unknown stage '{stage}'; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    problem = check_group_choices(rest)
+    flags, overrides = split_hydra_args(rest)
+    problem = check_group_choices(overrides) or check_overrides(stage, overrides)
     if problem:
         print(f"mpq {stage}: error: {problem}", file=sys.stderr)
         return 2
 
     import hydra
 
-    flags, overrides = split_hydra_args(rest)
     sys.argv = [f"mpq {stage}", *flags, *overrides, f"stage={stage}"]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
     return 0

@@ -11,6 +11,7 @@ sbatch templates in `slurm/`).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -45,7 +46,13 @@ def spawn_local(cfg, stage: str, overrides: list[str], run_dir: Path) -> str | N
 
     nproc = int(cfg.dist.nproc)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("LOGLEVEL", "WARNING")
+    # the launcher reports a failed or stopped worker in its own one line (launchers.cli): torch
+    # elastic's log lines about the same ("Sending process ... closing signal", "failed (exitcode")
+    # would only repeat it
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(os.environ["LOGLEVEL"])
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mpq-{stage}-{os.getpid()}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", local_addr="127.0.0.1",

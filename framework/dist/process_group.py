@@ -98,3 +98,18 @@ def all_reduce_mean(values: list[float], device: torch.device | None = None) -> 
     n = world_size()
     return [v / n for v in all_reduce_sum(values, device)]
 
+
+
+#: what gloo, NCCL and torch's c10d say when a peer process of the group is gone
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed",
+              "Read error", "Write error", "NCCL communicator was aborted", "remote process exited",
+              "Connection refused", "failed to recv", "Timed out")
+
+
+def lost_peer_reason(err: BaseException) -> str | None:
+    """What a collective that failed because another process of the group died or vanished said
+    (the marker, e.g. "Connection closed by peer"); None for any other error."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err).lower()
+    return next((marker for marker in _LOST_PEER if marker.lower() in text), None)

@@ -12,7 +12,7 @@ from framework.policy.bits import (
     uniform_budget_bits,
 )
 from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
-from framework.policy.knapsack import DEFAULT_FILL, fit_to_budget, log_probability
+from framework.policy.knapsack import DEFAULT_FILL, check_budget_reachable, fit_to_budget, log_probability
 from framework.policy.schema import (
     SCHEMA,
     Budget,
@@ -33,6 +33,7 @@ __all__ = [
     "BudgetLimits",
     "budget_from_config",
     "check_budget",
+    "check_budget_reachable",
     "cost_at",
     "CostAt",
     "DEFAULT_FILL",

@@ -204,6 +204,24 @@ def _impossible(problem: _Problem) -> MPQError:
                     f"search.budget_uniform_bits or search.budget_size_mb")
 
 
+def check_budget_reachable(
+    layers: Sequence[LayerCost],
+    bits: Mapping[str, tuple[int, int]],
+    candidates: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+    limits: BudgetLimits,
+    total_params: int,
+    joint: Collection[str] = frozenset(),
+) -> None:
+    """Raise the impossible-budget :class:`MPQError` of :func:`fit_to_budget` before any training:
+    when the cheapest policy of the search space (every searched layer at its lowest candidate bits,
+    the other layers at their `bits`) is above a limit, no search can end under the budget, so
+    there is no point in training one. The probabilities do not matter here (uniform ones are used)."""
+    probs = {name: {"w": [1.0] * len(cw), "a": [1.0] * len(ca)} for name, (cw, ca) in candidates.items()}
+    problem = _Problem(layers, bits, probs, candidates, limits, total_params, frozenset(joint), fill=0.0)
+    if not problem.meets(problem.costs(problem.cheapest()), lower=False):
+        raise _impossible(problem)
+
+
 def fit_to_budget(
     layers: Sequence[LayerCost],
     bits: Mapping[str, tuple[int, int]],

@@ -28,10 +28,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from framework import __version__
-from framework.data import build_dataset, build_loader
+from framework.data import build_dataset, build_loader, get_dataset_spec
 from framework.errors import MPQError
 from framework.policy import (
+    BudgetLimits,
     budget_from_config,
+    check_budget_reachable,
     cost_at,
     derive_bits,
     fit_to_budget,
@@ -50,12 +52,12 @@ from framework.quant import (
 )
 from framework.results import Result, write_result
 from framework.search.step import SearchStep
-from framework.stage import build_model, load_full_precision_checkpoint, start_stage
+from framework.stage import build_model, load_full_precision_checkpoint, model_meta, start_stage
 from framework.track import open_tracker
 from framework.track.figures import plot_bit_probabilities
 from framework.train.checkpoint import load_model_state
 from framework.train.engine import Callbacks, FitPlan, Loaders, fit, schedule_length
-from framework.train.resume import resume_checkpoint
+from framework.train.resume import resume_checkpoint, resume_record
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,40 @@ def _fresh_head(model: nn.Module, num_classes: int) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+
+
+def search_budget(model: nn.Module, layers, scfg, total_params: int, fixed, fixed_bits) -> BudgetLimits | None:
+    """The budget `search.*` sets (framework.policy.budget) for the supernet `model`, checked before
+    any step against the cheapest policy of its search space: a budget below it is one error now,
+    not after the search has trained (framework.policy.knapsack.check_budget_reachable)."""
+    limits = budget_from_config(scfg, layers, fixed, fixed_bits)
+    if str(scfg.complexity.penalty) == "hinge" and (limits is None or limits.bitops is None):
+        raise MPQError("search.complexity.penalty=hinge needs a BitOps budget: set search.budget_bitops or "
+                       "search.budget_uniform_bits (or search.complexity.penalty=linear)")
+    if limits is not None:
+        bits, _ = derive_bits(model)
+        searched = {n: m for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear))}
+        check_budget_reachable(layers, bits, {n: (m.w_candidates, m.a_candidates) for n, m in searched.items()},
+                               limits, total_params, {n for n, m in searched.items() if m.joint})
+    return limits
+
+
+def check_search_budget(cfg: DictConfig) -> None:
+    """The search budget against the search space of the untrained `cfg.model` at `cfg.data`'s
+    geometry: what `mpq pipeline` checks before it pretrains, so an impossible budget costs nothing."""
+    spec = get_dataset_spec(str(cfg.data.name))
+    num_classes = spec.num_classes or build_dataset(cfg.data, "test").mpq_info["num_classes"]
+    size, channels = int(cfg.data.input_size or 28), int(cfg.data.channels)
+    model = build_model(model_meta(cfg, num_classes))
+    layers = trace_layers(model, size, channels)
+    fixed_bits = fixed_bits_of(cfg.search.quant)
+    fixed = fixed_layer_names(layers, fixed_bits)
+    total_params = float_parameter_count(model)
+    try:
+        build_supernet(model, layers, cfg.search.quant)
+    except ValueError as err:
+        raise MPQError(f"cannot build the search supernet from search.quant: {err}") from None
+    search_budget(model, layers, cfg.search, total_params, fixed, fixed_bits)
 
 
 def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Result:
@@ -118,12 +154,9 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         raise MPQError(f"cannot build the search supernet from search.quant: {err}") from None
     model.to(device)
 
-    limits = budget_from_config(scfg, layers, fixed, fixed_bits)  # at the target resolution
+    limits = search_budget(model, layers, scfg, total_params, fixed, fixed_bits)  # at the target resolution
     budget = limits.bitops if limits is not None else None
     penalty_mode = str(scfg.complexity.penalty)
-    if penalty_mode == "hinge" and budget is None:
-        raise MPQError("search.complexity.penalty=hinge needs a BitOps budget: set search.budget_bitops or "
-                       "search.budget_uniform_bits (or search.complexity.penalty=linear)")
     reference = budget if penalty_mode == "hinge" else float(
         sum(layer.macs * max(qcfg.candidates_w) * max(qcfg.candidates_a) for layer in layers)
     )
@@ -223,6 +256,6 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
     result = Result(stage, metrics=metrics, artifacts=artifacts,
                     extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info(),
-                           "rho_trace": rho_trace})
+                           "rho_trace": rho_trace, "resume": resume_record(cfg, run_dir, resume)})
     write_result(run_dir, result, cfg)
     return result

@@ -3,6 +3,7 @@ the target data (:func:`framework.train.data_parallel.train_on_target`) and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -14,12 +15,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from framework.dist.process_group import open_process_group
+from framework.dist.process_group import lost_peer_reason, open_process_group
+from framework.errors import MPQError
 from framework.results import Result
 from framework.stage import distribution_record, finish_stage
 from framework.track import open_tracker
 from framework.train.data_parallel import train_on_target
-from framework.train.resume import resume_checkpoint
+from framework.train.resume import resume_checkpoint, resume_record
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
     """
     with open_process_group(device, cfg.dist.backend, cfg.dist.timeout_min) as ranks:
         log.info("%s, device %s, rank %d of %d", job.description, device, ranks.rank, ranks.world_size)
-        resume = resume_checkpoint(cfg, run_dir)
+        resume = resume_checkpoint(cfg, run_dir, warn=ranks.is_main)
         tracker = open_tracker(cfg, job.stage, main=ranks.is_main)
         started = time.time()
         try:
@@ -63,6 +65,11 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
                                       data_cfg=job.data_cfg, train_cfg=job.train_cfg, batch_key=job.batch_key,
                                       meta=job.meta, run_dir=run_dir, device=device, ranks=ranks, tracker=tracker,
                                       resume=resume, sharpness=job.sharpness)
+        except RuntimeError as err:
+            reason = lost_peer_reason(err) if ranks.distributed else None
+            if reason is not None:
+                raise lost_peer_error(ranks, run_dir, reason) from None
+            raise
         finally:
             tracker.close()
     fitted = trained.fitted
@@ -78,5 +85,17 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
     artifacts.update(checkpoint=str(ckpt_dir / "last"), best_checkpoint=str(ckpt_dir / "best"))
     result = Result(job.stage, metrics=metrics, artifacts=artifacts,
                     extra={"history": fitted.history, "data": job.train_set.mpq_info, "tracking": tracker.info(),
-                           **distribution_record(trained.geometry, cfg)})
+                           "resume": resume_record(cfg, run_dir, resume), **distribution_record(trained.geometry, cfg)})
     return finish_stage(run_dir, result, cfg, main=ranks.is_main)
+
+
+def lost_peer_error(ranks, run_dir: Path, reason: str) -> MPQError:
+    """The one-line error of a rank whose peer died mid-run (killed, out of memory, its node gone):
+    the collective it waited in failed; the last checkpoint is whatever was committed before."""
+    last = Path(run_dir) / "checkpoints" / "last"
+    try:
+        kept = f"the last checkpoint {last} (step {json.loads((last / 'meta.json').read_text())['step']}) is intact"
+    except (OSError, ValueError, KeyError):
+        kept = "no checkpoint was written yet"
+    return MPQError(f"another process of this {ranks.world_size}-process run died (rank {ranks.rank} saw "
+                    f"\"{reason}\" in a collective); {kept}; run the same command with resume=true to continue")

@@ -16,6 +16,7 @@ the path and what to do.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -49,10 +50,53 @@ def save_checkpoint(
     """Atomically write a checkpoint directory at `path` (replacing any previous one)."""
     path = Path(path)
     tmp = staging_dir(path, str(os.getpid()))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_checkpoint_files(tmp, model, meta, training_state)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_checkpoint_files(tmp, model, meta, training_state)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint_write_error(path, err) from None
     return commit_checkpoint(tmp, path)
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An error of the storage under a checkpoint being written: an OSError (no space, quota, I/O)
+    or the RuntimeError torch.save raises when its stream writer cannot write."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("PytorchStreamWriter", "file write failed", "No space left", "unexpected pos"))
+
+
+def checkpoint_write_error(path: Path, err: BaseException) -> MPQError:
+    """The one-line error of a checkpoint that could not be written; the staging folder is gone and
+    the checkpoint that was at `path` before (if any) is untouched: the write never reached the rename."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    previous = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    # torch's writer often says only "unexpected pos"/"file write failed": the free space tells
+    full = ((isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(err)
+            or (free is not None and free < max(previous, 1 << 20)))
+    room = f" ({free // 1024} KiB free)" if free is not None else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    reason = f"the disk is full{room}" if full else f"{type(err).__name__}: {first}{room}"
+    kept = (f"the previous checkpoint there (step {_step_of(path)}) is intact" if (path / "meta.json").exists()
+            else "nothing was there before")
+    return MPQError(f"cannot write checkpoint {path}: {reason}; {kept}; free space under {path.parent} and run the "
+                    f"same command with resume=true to continue")
+
+
+def _step_of(path: Path) -> str:
+    try:
+        return str(json.loads((path / "meta.json").read_text()).get("step", "?"))
+    except (OSError, ValueError):
+        return "?"
 
 
 def staging_dir(path: Path, token: str) -> Path:

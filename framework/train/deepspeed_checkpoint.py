@@ -13,16 +13,24 @@ of :mod:`framework.train.checkpoint`; `framework.dist` stays below `framework.tr
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from framework.dist.process_group import barrier
+from framework.dist.process_group import all_reduce_sum, barrier
 from framework.dist.ranks import Ranks
 from framework.errors import MPQError
-from framework.train.checkpoint import Checkpoint, commit_checkpoint, staging_dir, write_checkpoint_files
+from framework.train.checkpoint import (
+    Checkpoint,
+    checkpoint_write_error,
+    commit_checkpoint,
+    is_write_failure,
+    staging_dir,
+    write_checkpoint_files,
+)
 
 ENGINE_TAG = "deepspeed"
 
@@ -40,17 +48,42 @@ class EngineCheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        failure = None
         if training_state is not None:  # resumable: the engine's partitions and every rank's RNG
-            self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-            torch.save(training_state.get("rng"), tmp / ENGINE_TAG / f"rng-rank{self.ranks.rank}.pt")
-        barrier()
+            failure = self._attempt(lambda: (
+                self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False),
+                torch.save(training_state.get("rng"), tmp / ENGINE_TAG / f"rng-rank{self.ranks.rank}.pt")))
+        self._agree(failure, path, tmp)
         if self.ranks.is_main:
             meta = {**meta, "world_size": self.ranks.world_size,
                     "zero_stage": int(self.engine.zero_optimization_stage())}
-            write_checkpoint_files(tmp, self.model, meta, training_state)
+            failure = self._attempt(lambda: write_checkpoint_files(tmp, self.model, meta, training_state))
+        self._agree(failure, path, tmp)
+        if self.ranks.is_main:
             commit_checkpoint(tmp, path)
         barrier()
         return path
+
+    @staticmethod
+    def _attempt(write) -> BaseException | None:
+        """Run one rank's part of the write; a storage failure is returned, anything else raised."""
+        try:
+            write()
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            return err
+        return None
+
+    def _agree(self, failure: BaseException | None, path: Path, tmp: Path) -> None:
+        """A barrier that also tells every rank whether some rank failed to write its part: then all
+        of them raise the same one-line error, after rank 0 removed the staging folder (the
+        checkpoint at `path` was never touched)."""
+        if all_reduce_sum([1.0 if failure is not None else 0.0])[0]:  # also the barrier
+            if self.ranks.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise checkpoint_write_error(path, failure if failure is not None else OSError(
+                errno.ENOSPC, "another rank could not write its part"))
 
 
 def restore_engine(engine, checkpoint: Checkpoint, ranks: Ranks) -> dict[str, Any]:

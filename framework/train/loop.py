@@ -4,6 +4,7 @@ on its shard and the epoch totals are summed over the ranks)."""
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -47,7 +48,9 @@ def train_steps(
     model.train()
     total_loss = total_correct = total_seen = 0.0
     steps = 0
-    bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True, disable=rank() != 0)
+    # a bar on a terminal only: in a Slurm log or a pipe the epoch lines of the log say the same
+    bar = tqdm(loader, total=min(len(loader), max_steps), desc=desc, leave=False, dynamic_ncols=True,
+               disable=rank() != 0 or not sys.stderr.isatty())
     for images, labels in bar:
         if steps >= max_steps:
             break
@@ -75,7 +78,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss = correct = seen = 0.0
-    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=rank() != 0):
+    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+                               disable=rank() != 0 or not sys.stderr.isatty()):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
         loss += criterion(logits, labels).item()

@@ -13,6 +13,7 @@ continues at the same step with the same data order and ends with the same weigh
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import threading
@@ -24,6 +25,8 @@ import torch
 
 from framework.errors import MPQError
 from framework.train.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 HANDLED = ("SIGTERM", "SIGUSR1")
 
@@ -84,14 +87,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_checkpoint(cfg, run_dir: Path) -> Checkpoint | None:
-    """With `resume=true`, the run directory's `checkpoints/last` if it holds a training state."""
+def resume_checkpoint(cfg, run_dir: Path, warn: bool = True) -> Checkpoint | None:
+    """With `resume=true`, the run directory's `checkpoints/last` if it holds a training state.
+
+    When it holds none (a new run directory, or Hydra's time-stamped default, where a resume can
+    never find anything) the run starts from step 0 and says so in one warning line (`warn`: on
+    the main rank only); :func:`resume_record` puts the same into result.json."""
     if not cfg.resume:
         return None
     last = Path(run_dir) / "checkpoints" / "last"
     if not (last / "training.pt").exists():
+        if warn:
+            log.warning(no_checkpoint_message(last))
         return None
     ckpt = load_checkpoint(last, with_training_state=True)
     if not ckpt.training_state or "position" not in ckpt.training_state:
         raise MPQError(f"checkpoint {last} cannot be resumed from (no training position); start without resume=true")
     return ckpt
+
+
+def no_checkpoint_message(last: Path) -> str:
+    return (f"resume=true, but {last} holds no checkpoint to resume from: starting from scratch (step 0); "
+            f"to continue a run, pass the hydra.run.dir it wrote to")
+
+
+def resume_record(cfg, run_dir: Path, resume: Checkpoint | None) -> dict[str, Any]:
+    """What result.json says about resuming: `requested` (resume=true), `from` (the checkpoint, or
+    None when the run started from scratch), `step` (where it continued) and `warning`."""
+    if not cfg.resume:
+        return {"requested": False}
+    if resume is None:
+        return {"requested": True, "from": None, "step": 0,
+                "warning": no_checkpoint_message(Path(run_dir) / "checkpoints" / "last")}
+    position = (resume.training_state or {}).get("position", {})
+    return {"requested": True, "from": str(resume.path), "step": int(position.get("step", 0))}

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -99,14 +100,22 @@ def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path, init_ch
     assert "finetune.batch_size=64" in proc.stderr and "multiple of 3" in proc.stderr
 
 
-def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tmp_path_factory, init_checkpoint):
-    """ZeRO 1: each rank's optimizer partition is saved on SIGTERM and restored on resume."""
-    args = [*(a for a in FINETUNE if not a.startswith("finetune.max_steps")), "finetune.max_steps=30",
+def _thirty_steps(init_checkpoint: str) -> list[str]:
+    """ZeRO 1 on 2 processes for 30 steps: long enough to stop it after its step-4 checkpoint."""
+    return [*(a for a in FINETUNE if not a.startswith("finetune.max_steps")), "finetune.max_steps=30",
             "dist.nproc=2", "dist.zero_stage=1", f"init_checkpoint={init_checkpoint}"]
-    reference, run_dir = tmp_path_factory.mktemp("sigterm_ref"), tmp_path_factory.mktemp("sigterm")
-    done = run_mpq(*args, f"hydra.run.dir={reference}")
-    assert done.returncode == 0, done.stderr[-3000:]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, init_checkpoint) -> Path:
+    """The 30-step run the interrupted ones must end equal to."""
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    done = run_mpq(*_thirty_steps(init_checkpoint), f"hydra.run.dir={reference}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return reference
+
+
+def _start_and_wait_for_step_4(args: list[str], run_dir: Path) -> subprocess.Popen:
     proc = subprocess.Popen([MPQ, *args, f"hydra.run.dir={run_dir}", "checkpoint_every=4"], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
@@ -114,14 +123,50 @@ def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tm
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
+    return proc
+
+
+def _resume_to_the_uninterrupted_weights(args: list[str], run_dir: Path, step: int, uninterrupted: Path) -> None:
+    resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {step}" in (run_dir / "finetune.log").read_text()
+    assert read_json(run_dir / "result.json")["metrics"]["steps"] == 30
+    _assert_equal_weights(run_dir, uninterrupted)
+
+
+def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tmp_path, init_checkpoint, uninterrupted):
+    """ZeRO 1: each rank's optimizer partition is saved on SIGTERM and restored on resume."""
+    args = _thirty_steps(init_checkpoint)
+    proc = _start_and_wait_for_step_4(args, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
-    interrupted = read_json(run_dir / "result.json")
+    interrupted = read_json(tmp_path / "result.json")
     assert interrupted["status"] == "interrupted" and 4 <= interrupted["step"] < 30, (interrupted, stderr[-3000:])
+    _resume_to_the_uninterrupted_weights(args, tmp_path, interrupted["step"], uninterrupted)
 
-    resumed = run_mpq(*args, f"hydra.run.dir={run_dir}", "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming at step {interrupted['step']}" in (run_dir / "finetune.log").read_text()
-    assert read_json(run_dir / "result.json")["metrics"]["steps"] == 30
-    _assert_equal_weights(run_dir, reference)
+
+def test_sigkill_of_one_rank_ends_the_run_promptly_with_one_error_and_resumes(tmp_path, init_checkpoint, uninterrupted):
+    """Rank 1 killed (as the OOM killer or a lost node would): rank 0's next collective fails, it
+    says so in one line, the launcher ends with status 2 within seconds (not at the process
+    group's timeout), the last checkpoint is intact, and resume=true ends on the uninterrupted weights."""
+    args = _thirty_steps(init_checkpoint)
+    proc = _start_and_wait_for_step_4(args, tmp_path)
+    workers = [child for child in psutil.Process(proc.pid).children(recursive=True)
+               if child.environ().get("RANK") is not None]
+    (rank1,) = [w for w in workers if w.environ()["RANK"] == "1"]
+    killed = time.time()
+    rank1.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert time.time() - killed < 60, "the launcher took as long as a timeout to notice"
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("mpq finetune: error: another process of this 2-process run died"), errors
+    step = checkpoint_step(tmp_path)
+    assert 4 <= step < 30 and f"the last checkpoint {tmp_path / 'checkpoints' / 'last'} (step {step}) is intact" in errors[0]
+    assert "resume=true" in errors[0]
+    result = read_json(tmp_path / "result.json")
+    assert result["status"] == "error" and result["error"] in errors[0]
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # no rank left behind
+    _resume_to_the_uninterrupted_weights(args, tmp_path, step, uninterrupted)
