@@ -30,9 +30,11 @@ from torch import nn
 from framework.quant.fused import fused_mixed_learned_range
 from framework.quant.quantizers import (
     LearnedRangeActQuantizer,
+    MinMaxWeightQuantizer,
     check_bits,
     make_act_quantizer,
     make_weight_quantizer,
+    mixed_minmax_weight,
 )
 
 
@@ -133,6 +135,8 @@ class _SearchMixin:
         self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
         self.gumbel_tau = qcfg.gumbel_tau
         self.fused = bool(qcfg.fused) and all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
+        # min-max weight candidates have no state: their mix is one op (quantizers.mixed_minmax_weight)
+        self.one_op_weight_mix = all(isinstance(q, MinMaxWeightQuantizer) for q in self.weight_quants)
         self.macs = 0.0
         self.register_buffer("w_bit_values", torch.tensor(self.w_candidates, dtype=torch.float32), persistent=False)
         self.register_buffer("a_bit_values", torch.tensor(self.a_candidates, dtype=torch.float32), persistent=False)
@@ -173,7 +177,10 @@ class _SearchMixin:
             x_mix = fused_mixed_learned_range(x, pa, ranges, levels, signed)
         else:
             x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
-        w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
+        if self.one_op_weight_mix:
+            w_mix = mixed_minmax_weight(self.weight, pw, self.w_candidates)  # type: ignore[attr-defined]
+        else:
+            w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
         return x_mix, w_mix
 
     def extra_repr(self) -> str:  # type: ignore[override]

@@ -32,6 +32,10 @@ from framework.quant.rounding import round_ste
 
 FULL_PRECISION = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
+#: on the CPU, tensors smaller than this (most weights) take the autograd function even when `fused`:
+#: a compiled call costs a guard check and a wrapper (~0.3 ms) that a few thousand elements do not
+#: repay (benchmarks/quant_overhead.py: a 16x16x3x3 weight 0.17 ms eager against 0.55 ms compiled)
+FUSED_MIN_ELEMENTS = 1 << 16
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -136,7 +140,7 @@ class LSQQuantizer(nn.Module):
         qn, qp = int_range(self.bits, bool(self._signed))
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
         grad_scale = 1.0 / math.sqrt(n * qp)
-        if self.fused:
+        if self.fused and (x.is_cuda or x.numel() >= FUSED_MIN_ELEMENTS):
             from framework.quant.fused import fused_lsq
 
             bounds = x.new_tensor([qn, qp, grad_scale])
@@ -163,6 +167,46 @@ class MinMaxWeightQuantizer(nn.Module):
         # cut the gradient of the largest weight
         levels = round_ste(w / step)
         return (levels + (torch.clamp(levels, -qp, qp) - levels).detach()) * step
+
+
+class _MixedMinMaxFunction(torch.autograd.Function):
+    """The supernet's mixed weight over min-max candidates in one op:
+
+        W_mix = sum_j p_j * Q_j(W),   Q_j(W) = clamp(round(W / s_j), -Qp_j, Qp_j) * s_j,   s_j = max|W| / Qp_j
+
+    with `s_j` constant (detached) and round's straight-through gradient, so
+    dW_mix/dW = sum_j p_j (1 for probabilities) and dW_mix/dp_j = Q_j(W). The candidates are quantized
+    as one (K, N) tensor and the gradients of all p_j come from one matrix-vector product, instead
+    of about 8 small operations per candidate each way (the weights of a CIFAR ResNet are a few
+    thousand elements, where the cost is the number of operations, not their size).
+    """
+
+    @staticmethod
+    def forward(ctx, w, probs, qps):
+        steps = (w.detach().abs().max() / qps).clamp_min(1e-8)  # (K,)
+        shape = (-1, *([1] * w.dim()))
+        quantized = torch.round(w.detach().unsqueeze(0) / steps.view(shape))
+        quantized = torch.maximum(torch.minimum(quantized, qps.view(shape)), -qps.view(shape)) * steps.view(shape)
+        ctx.save_for_backward(quantized, probs)
+        return torch.tensordot(probs.to(w.dtype), quantized, dims=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        quantized, probs = ctx.saved_tensors
+        grad_w = grad * probs.sum().to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_p = (quantized.flatten(1) @ grad.flatten()).to(probs.dtype) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_p, None
+
+
+def mixed_minmax_weight(w: torch.Tensor, probs: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
+    """`sum_j probs[j] * MinMaxWeightQuantizer(bits[j])(w)` in one op (32 bits: `w` itself)."""
+    fp = [j for j, b in enumerate(bits) if b >= FULL_PRECISION]
+    low = [j for j, b in enumerate(bits) if b < FULL_PRECISION]
+    qps = w.new_tensor([2 ** (bits[j] - 1) - 1 for j in low])
+    out = _MixedMinMaxFunction.apply(w, probs[low] if fp else probs, qps) if low else None
+    for j in fp:
+        out = probs[j] * w if out is None else out + probs[j] * w
+    return out
 
 
 class _LearnedRangeFunction(torch.autograd.Function):

@@ -130,7 +130,10 @@ def test_unsupported_bits_are_refused():
         LSQQuantizer(1)
 
 
-def test_fused_lsq_equals_the_autograd_function():
+def test_fused_lsq_equals_the_autograd_function(monkeypatch):
+    from framework.quant import quantizers
+
+    monkeypatch.setattr(quantizers, "FUSED_MIN_ELEMENTS", 0)  # the compiled kernel even for a small tensor
     torch.manual_seed(0)
     for per_channel, signed in ((False, True), (True, True), (False, False)):
         x = (torch.randn(6, 5, 4, 4) * 2).requires_grad_()
@@ -176,3 +179,23 @@ def test_fused_mixed_activation_equals_the_sum_of_quantizers():
         assert torch.allclose(alpha.grad, ref_grads[1], atol=1e-4)
         for q, g in zip(quantizers, ref_grads[2], strict=True):
             assert torch.allclose(q.range.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [(2, 3, 4, 6), (4, 8), (3, 32), (8,)])
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (10, 7)])
+def test_the_one_op_min_max_weight_mix_equals_the_sum_of_quantizers(bits, shape):
+    from framework.quant.quantizers import MinMaxWeightQuantizer, mixed_minmax_weight
+
+    torch.manual_seed(len(bits) * 10 + len(shape))
+    w = torch.randn(*shape).requires_grad_()
+    alpha = torch.randn(len(bits), requires_grad=True)
+    upstream = torch.randn(*shape)
+    ref = sum(p * MinMaxWeightQuantizer(b)(w) for p, b in zip(alpha.softmax(0), bits, strict=True))
+    (ref * upstream).sum().backward()
+    ref_gw, ref_ga = w.grad.clone(), alpha.grad.clone()
+    w.grad, alpha.grad = None, None
+    out = mixed_minmax_weight(w, alpha.softmax(0), bits)
+    (out * upstream).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(w.grad, ref_gw, atol=1e-6)
+    assert torch.allclose(alpha.grad, ref_ga, atol=1e-5)
