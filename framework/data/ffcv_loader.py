@@ -34,9 +34,9 @@ Pipelines (decoding and augmentation in FFCV's compiled code, the last steps in 
 - then `ToTensor`, `ToDevice` when CUDA is available, `ToTorchImage`, and :class:`ToModelInput`:
   channels (`data.channels`: gray datasets take their stored channel back, bit for bit; RGB photos
   become gray with torchvision's weights), scaling to [0, 1], resizing digits to `data.input_size`,
-  normalisation with the dataset's mean and std. RGB photos on the CPU are normalised instead by
-  FFCV's `NormalizeImage` inside the compiled stage (about twice the loader's throughput in one
-  contended measurement when it was written).
+  normalisation with the dataset's mean and std. RGB photos on the CPU instead take one compiled
+  stage after the decoder, :class:`~framework.data.ffcv_ops.FlipNormaliseToCHW`: the flip, the
+  lookup-table normalisation and the N x C x H x W layout in a single pass.
 
 For raw digits without resizing the tensors equal the torch loader's bit for bit (same pixels, same
 normalisation arithmetic); photos differ by the interpolation's rounding (OpenCV's area resize
@@ -105,7 +105,6 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
         SimpleRGBImageDecoder,
     )
     from ffcv.transforms import (
-        NormalizeImage,
         RandomHorizontalFlip,
         RandomTranslate,
         Squeeze,
@@ -128,19 +127,23 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
     else:
         size = int(data_cfg.input_size or 224)
         if augment:
-            image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
+            image = [RandomResizedCropRGBImageDecoder((size, size))]
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=0.875)]
     device = _device()
     to_device = [ToDevice(device, non_blocking=True)] if device is not None else []
     norm = _normalise(spec, channels)
     if spec.kind != "digits" and channels == 3 and device is None:
-        # photos on the CPU: FFCV's compiled lookup-table normalisation, in the decoding threads (the
-        # torch-side float conversion and normalisation roughly halved the loader's throughput; it
-        # equals torchvision's up to float rounding, ~1e-7)
+        # photos on the CPU: the flip, the lookup-table normalisation and the N x C x H x W layout in
+        # one compiled pass in the decoding threads (framework/data/ffcv_ops.py; it equals
+        # torchvision's normalisation up to float rounding, ~1e-7)
+        from framework.data.ffcv_ops import FlipNormaliseToCHW
+
         scale = 255 * np.asarray(norm.mean), 255 * np.asarray(norm.std)
-        image += [NormalizeImage(scale[0], scale[1], np.float32), ToTensor(), ToTorchImage()]
+        image += [FlipNormaliseToCHW(scale[0], scale[1], flip_prob=0.5 if augment else 0.0), ToTensor()]
     else:
+        if spec.kind != "digits" and augment:
+            image.append(RandomHorizontalFlip())
         image += [ToTensor(), *to_device, ToTorchImage(),
                   ToModelInput(spec.native_channels == 1, channels, resize, norm.mean, norm.std)]
     label = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]  # N x 1 -> N (a batch of one stays a batch)

@@ -213,3 +213,34 @@ def test_bad_prepare_options_are_one_error_before_writing(tmp_path, override, me
         validate_config(cfg)
         run_prepare(cfg)
     assert not list(tmp_path.rglob("*.beton"))
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_the_one_pass_flip_and_normalisation_equals_ffcvs_stock_stages(tmp_path, flip):
+    """FlipNormaliseToCHW against RandomHorizontalFlip + NormalizeImage + ToTorchImage: the same floats,
+    bit for bit, in N x C x H x W (contiguous) instead of a channels-last view."""
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    from framework.data.ffcv_ops import FlipNormaliseToCHW
+
+    root = make_image_tree(tmp_path / "tree", per_class=3, size=(36, 28), suffix=".png")
+    cfg = _data_cfg("data=imagefolder", f"data.root={root}", f"data.ffcv.dir={tmp_path / 'betons'}",
+                    "data.ffcv.write.mode=raw", "data.ffcv.write.max_resolution=null", "data.ffcv.write.workers=1")
+    path = write_beton(cfg, "train")["path"]
+    mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+
+    def batches(image_pipeline):
+        loader = Loader(path, batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": [SimpleRGBImageDecoder(), *image_pipeline], "label": [IntDecoder()]})
+        return torch.cat([images.clone() for images, _ in loader])
+
+    stock = [*([RandomHorizontalFlip(1.0)] if flip else []), NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+    expected = batches(stock)
+    fused = batches([FlipNormaliseToCHW(mean, std, flip_prob=flip), ToTensor()])
+    assert fused.shape == expected.shape == (9, 3, 28, 36) and fused.dtype == torch.float32
+    assert fused.is_contiguous()
+    assert torch.equal(fused, expected)
+    unflipped = batches([FlipNormaliseToCHW(mean, std, flip_prob=0.0), ToTensor()])
+    assert torch.equal(unflipped.flip(-1), fused) == bool(flip)
