@@ -1,9 +1,10 @@
 # The two commands of the README: `make run` (set-up, then the default pipeline) and
-# `make test` (set-up, lint, then the test suite inside a loopback-only network namespace).
+# `make test` (set-up, lint, then the test suite inside a loopback-only network namespace);
+# `make bench` runs every benchmark (about 15 minutes on 2 cores) and writes BENCHMARKS.md.
 VENV := .venv
 MPQ := $(VENV)/bin/mpq
 
-.PHONY: setup run test test-all lint clean-outputs
+.PHONY: setup run test test-all lint bench clean-outputs
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +22,10 @@ test-all: setup lint
 lint: setup
 	$(VENV)/bin/ruff check framework launchers tests benchmarks scripts
 	$(VENV)/bin/lint-imports --no-cache
+
+# every script of benchmarks/ (settings in scripts/bench.sh), results in benchmarks/results/, then BENCHMARKS.md
+bench: setup
+	@bash scripts/bench.sh
 
 clean-outputs:
 	rm -rf outputs multirun

@@ -32,7 +32,9 @@ It needs 2 free cores: on a loaded machine the two workers share cores and the r
 
     .venv/bin/python benchmarks/ddp_scaling.py [--global-batch 256] [--steps 10] [--warmup 3] [--rounds 2]
 
-The last line printed is ``ratio: sgd=<x> asga=<y>`` (2 processes over 1, per rule).
+``--json`` writes the figures with the machine, the target and whether it is met per rule
+(``benchmarks/common.py``). The last line printed is ``ratio: sgd=<x> asga=<y>`` (2 processes over 1,
+per rule).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
+from benchmarks.common import figure, make_result, write_json  # noqa: E402
 
 TARGET = 0.65  # max time per global step of 2 processes over 1 process
 RULES = ("sgd", "sam", "asam", "asga")  # sgd: no sharpness rule; saq needs a quantized model
@@ -243,8 +248,13 @@ def main() -> None:
         met = "yes" if ratio[name] <= TARGET else "no"
         print(f"{name:<8}{median[1][name]:>15.3f}{median[2][name]:>16.3f}{ratio[name]:>8.2f}{met:>9}")
     if args.json:
-        args.json.write_text(json.dumps({"s_per_step": {str(n): m for n, m in median.items()}, "ratio": ratio,
-                                         "rounds": {str(n): t for n, t in times.items()}}, indent=2))
+        figures = [figure(f"2 processes / 1 process, time per global step, {name.upper()} ({args.model}, global batch "
+                          f"{args.global_batch}, {args.rounds} rounds x {args.steps} steps)", ratio[name], "x", ("<=", TARGET))
+                   for name in names]
+        settings = {"global_batch": args.global_batch, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                    "model": args.model, "zero_stage": args.zero_stage}
+        write_json(args.json, make_result("ddp_scaling", figures, s_per_step={str(n): m for n, m in median.items()},
+                                          ratio=ratio, rounds={str(n): t for n, t in times.items()}, settings=settings))
     print("ratio: " + " ".join(f"{name}={ratio[name]:.2f}" for name in names))
 
 

@@ -22,8 +22,11 @@ The beton is written on the first run (``prepare`` skips it afterwards) and is n
     .venv/bin/python scripts/make_imagenet_like.py                  # once: data/imagenet_like
     .venv/bin/python benchmarks/loaders.py [--root data/imagenet_like] [--workers 2] [--batch-size 128]
 
-The last line printed is ``ratio: ffcv/torch=<x>`` (images per second; the target is >= 2).
-Timings on a shared machine are noisy; only the ratio of the two sides, measured together, is quoted.
+Targets: ffcv >= 2.0x the images per second of torch in every round (each round's two sides
+measured back to back), and >= 2.2x between the medians. ``--json`` writes the figures with the
+machine, the targets and whether each is met (``benchmarks/common.py``). The last line printed is
+``ratio: ffcv/torch=<x>`` (the medians' ratio). Timings on a shared machine are noisy; only the ratio
+of the two sides, measured together, is quoted.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TARGET = 2.0  # min images/s of FFCV over torchvision
+from benchmarks.common import figure, make_result, write_json  # noqa: E402
+
+TARGET = 2.0  # min images/s of FFCV over torchvision, in every round
+TARGET_MEDIAN = 2.2  # min images/s of FFCV over torchvision, between the medians of the rounds
 SIDES = ("torch", "ffcv")
 
 
@@ -163,21 +169,35 @@ def main() -> int:
             print(f"  round {r + 1}  {side:<6} {rate:8.1f} images/s", flush=True)
     median = {side: statistics.median(rates[side]) for side in SIDES}
     ratio = median["ffcv"] / median["torch"]
+    per_round = [f / t for f, t in zip(rates["ffcv"], rates["torch"], strict=True)]
     print(f"torch (ImageFolder + DataLoader): {median['torch']:.1f} images/s")
     print(f"ffcv  (data.loader=ffcv, JPEG):   {median['ffcv']:.1f} images/s")
     bound = decode_bound(loaders["ffcv"].beton, args) if args.bound else None
     if bound is not None:
         print(f"ffcv decoder + crop alone:        {bound:.1f} images/s ({bound / median['torch']:.2f}x torch)")
-    print(f"target: ffcv >= {TARGET:.1f}x torch -> {'met' if ratio >= TARGET else 'not met'}")
+    print(f"ffcv/torch per round: {' '.join(f'{r:.2f}' for r in per_round)}")
+    print(f"target: ffcv >= {TARGET:.1f}x torch in every round -> {'met' if min(per_round) >= TARGET else 'not met'}; "
+          f">= {TARGET_MEDIAN:.1f}x between the medians -> {'met' if ratio >= TARGET_MEDIAN else 'not met'}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "benchmark": "loaders", "images": len(dataset), "batch_size": args.batch_size, "size": args.size,
-            "workers": args.workers, "batches": args.batches, "warmup": args.warmup, "rounds": args.rounds,
-            "images_per_s": rates, "median": median, "ratio": ratio, "target": TARGET, "decode_bound": bound,
-            "cores": len(os.sched_getaffinity(0)),
-            "versions": {p: metadata.version(p) for p in ("torch", "torchvision", "ffcv", "pillow")},
-        }, indent=2) + "\n")
+        setting = f"batch {args.batch_size}, crop {args.size}, {args.workers} workers"
+        figures = [
+            figure(f"torchvision ImageFolder loader, median images/s ({setting})", median["torch"], "images/s"),
+            figure(f"FFCV JPEG loader, median images/s ({setting})", median["ffcv"], "images/s"),
+            figure(f"FFCV JPEG loader / torchvision ImageFolder loader images/s, lowest of {args.rounds} rounds",
+                   min(per_round), "x", (">=", TARGET)),
+            figure("FFCV JPEG loader / torchvision ImageFolder loader images/s, between the medians", ratio, "x",
+                   (">=", TARGET_MEDIAN)),
+        ]
+        if bound is not None:
+            figures.append(figure("FFCV decoder with the crop alone / torchvision loader images/s", bound / median["torch"], "x"))
+        write_json(args.json, make_result(
+            "loaders", figures, images=len(dataset), batch_size=args.batch_size, size=args.size,
+            workers=args.workers, batches=args.batches, warmup=args.warmup, rounds=args.rounds,
+            images_per_s=rates, median=median, ratio=ratio, ratio_per_round=per_round,
+            target={"every_round": TARGET, "median": TARGET_MEDIAN}, decode_bound=bound,
+            cores=len(os.sched_getaffinity(0)),
+            versions={p: metadata.version(p) for p in ("torch", "torchvision", "ffcv", "pillow")},
+        ))
     print(f"ratio: ffcv/torch={ratio:.2f}")
     return 0
 

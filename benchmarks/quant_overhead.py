@@ -13,25 +13,35 @@ ResNet-20 (10 classes) on a batch of random 32x32 RGB inputs (128 by default) fo
 
 Every variant is warmed up (which also initialises the LSQ step sizes), then the variants are timed
 in interleaved rounds (the order rotates from round to round) and the median step time over all
-timed steps is reported with its ratio to full precision, against the targets fixed <= 1.3x and
-supernet <= 1.6x. Absolute milliseconds depend on the machine and its load; on shared machines only
+timed steps is reported with its ratio to full precision, against the targets fixed <= 1.10x and
+supernet <= 1.15x. Absolute milliseconds depend on the machine and its load; on shared machines only
 the ratios measured side by side in one run are meaningful.
+
+Peak memory: each variant's step is then measured again in a fresh process of this script
+(``--memory-only <variant>``): after the warm-up, the peak memory of one step over the memory live
+before it (peak RSS on the CPU, torch's allocator statistics on CUDA; ``benchmarks/common.py``).
+Target: the supernet's step <= 1.5x the full-precision step's. ``--no-memory`` skips it.
+
+``--device cuda`` runs the models and the batch on the GPU and waits for the device before each
+timer is read (``scripts/gpu_check.sh``).
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/quant_overhead.py
     .venv/bin/python benchmarks/quant_overhead.py --threads 1 --rounds 5 --json /tmp/overhead.json
     .venv/bin/python benchmarks/quant_overhead.py --profile   # top ops of one supernet step
+    .venv/bin/python benchmarks/quant_overhead.py --device cuda --json benchmarks/results/gpu/quant_overhead.json
 
-The last line printed is ``ratio: fixed/fp=<x> supernet/fp=<y>``.
+``--json`` writes the figures with the machine, the targets and whether each is met
+(``benchmarks/common.py`` describes the file). The last line printed is
+``ratio: fixed/fp=<x> supernet/fp=<y>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +55,20 @@ from framework.models import create_model
 from framework.paths import CONF_DIR
 from framework.quant import build_supernet, fixed_layer_names, quantize_model, trace_layers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
+from benchmarks.common import (  # noqa: E402
+    MemoryUnavailable,
+    check_device,
+    cores,
+    figure,
+    make_result,
+    memory_in_fresh_process,
+    print_memory,
+    step_memory,
+    synchronizer,
+    write_json,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "resnet20"
 NUM_CLASSES = 10
@@ -53,7 +77,14 @@ INPUT_SIZE = 32
 FIXED_BITS = 8
 POLICY_CHOICES = (2, 3, 4, 6)
 POLICY_SEED = 0
-TARGETS = {"fixed": 1.3, "supernet": 1.6}  # max ratio of step time to full precision
+VARIANTS = ("fp", "fixed", "supernet")
+TARGETS = {"fixed": 1.10, "supernet": 1.15}  # max ratio of step time to full precision
+MEMORY_TARGETS = {"supernet": 1.5}  # max ratio of a step's peak memory to full precision's
+FIGURE_NAMES = {
+    "fixed": "fixed mixed-policy QAT step / full-precision step",
+    "supernet": "search supernet step / full-precision step",
+}
+STEP_NAMES = {"fp": "full-precision", "fixed": "fixed mixed-policy QAT", "supernet": "search supernet"}
 
 
 @dataclass
@@ -74,9 +105,7 @@ class Variant:
 
 def default_threads() -> int:
     """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return cores()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: 3)")
     parser.add_argument("--profile", action="store_true", help="profile one supernet step and print its top ops")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and the batch live")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurement (one fresh process per variant)")
+    parser.add_argument("--memory-only", choices=VARIANTS, default=None, metavar="VARIANT",
+                        help="measure the peak memory of one step of VARIANT in this process, print it, and stop "
+                             "(what the main run starts per variant)")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     for name in ("threads", "batch_size", "steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -126,25 +162,30 @@ def quant_config(name: str):
         return compose("config", overrides=[f"quant={name}", "stage=cost"]).quant
 
 
-def build_variants() -> tuple[list[Variant], dict[str, tuple[int, int]]]:
-    """The three models under test (each in train mode) and the fixed variant's policy."""
-    fp = float_model()
+def build_variants(names: tuple[str, ...] = VARIANTS, device: str = "cpu") -> tuple[list[Variant], dict[str, tuple[int, int]]]:
+    """The models under test (`names`, each in train mode, on `device`) and the fixed variant's
+    policy (empty when it is not built)."""
+    variants, policy = [], {}
+    if "fp" in names:
+        fp = float_model().to(device)
+        variants.append(Variant("fp", "full precision", fp, sgd(fp)))
 
-    fixed_model = float_model()
-    layers = trace_layers(fixed_model, INPUT_SIZE, IN_CHANNELS)  # trace the float model, before converting
-    policy = mixed_policy([layer.name for layer in layers], fixed_layer_names(layers, FIXED_BITS))
-    quantize_model(fixed_model, policy, quant_config("lsq"), layers)
+    if "fixed" in names:
+        fixed_model = float_model()
+        layers = trace_layers(fixed_model, INPUT_SIZE, IN_CHANNELS)  # trace the float model, before converting
+        policy = mixed_policy([layer.name for layer in layers], fixed_layer_names(layers, FIXED_BITS))
+        quantize_model(fixed_model, policy, quant_config("lsq"), layers)
+        fixed_model.to(device)
+        variants.append(Variant("fixed", "fixed mixed policy, LSQ", fixed_model, sgd(fixed_model)))
 
-    supernet = float_model()
-    minmax = quant_config("minmax")
-    build_supernet(supernet, trace_layers(supernet, INPUT_SIZE, IN_CHANNELS), minmax)
-    candidates = f"w{list(minmax.candidates_w)} a{list(minmax.candidates_a)}"
+    if "supernet" in names:
+        supernet = float_model()
+        minmax = quant_config("minmax")
+        build_supernet(supernet, trace_layers(supernet, INPUT_SIZE, IN_CHANNELS), minmax)
+        supernet.to(device)
+        candidates = f"w{list(minmax.candidates_w)} a{list(minmax.candidates_a)}"
+        variants.append(Variant("supernet", f"supernet {candidates}, min-max/learned range", supernet, sgd(supernet)))
 
-    variants = [
-        Variant("fp", "full precision", fp, sgd(fp)),
-        Variant("fixed", "fixed mixed policy, LSQ", fixed_model, sgd(fixed_model)),
-        Variant("supernet", f"supernet {candidates}, min-max/learned range", supernet, sgd(supernet)),
-    ]
     for variant in variants:
         variant.model.train()
     return variants, policy
@@ -165,11 +206,14 @@ def make_step(variant: Variant, inputs: torch.Tensor, targets: torch.Tensor) -> 
 
 
 def measure(variants: list[Variant], steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace) -> None:
-    """Warm up every variant, then time them in interleaved rounds with a rotating order."""
+    """Warm up every variant, then time them in interleaved rounds with a rotating order (on CUDA,
+    each step's time ends when the device has finished it)."""
+    sync = synchronizer(args.device)
     for variant in variants:
         losses = [steps[variant.name]() for _ in range(args.warmup)]
         if losses and not all(bool(torch.isfinite(loss)) for loss in losses):
             print(f"warning: {variant.name}: non-finite loss during warm-up ({[float(v) for v in losses]})")
+    sync()
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for variant in order:
@@ -178,6 +222,7 @@ def measure(variants: list[Variant], steps: dict[str, Callable[[], torch.Tensor]
             for _ in range(args.steps):
                 start = time.perf_counter()
                 step()
+                sync()
                 times.append(time.perf_counter() - start)
             variant.step_times.extend(times)
             variant.round_means.append(sum(times) / len(times))
@@ -194,19 +239,66 @@ def profile_step(step: Callable[[], torch.Tensor]) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
+MEMORY_WARMUP = 2  # steps before the memory is measured: the LSQ initialisation and the kernels' compilation
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    """`--memory-only VARIANT`: the peak memory of one step of that variant alone, as the last line."""
+    (variant,), _ = build_variants((args.memory_only,), args.device)
+    inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE).to(args.device)
+    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,)).to(args.device)
+    print_memory(variant.name, step_memory(make_step(variant, inputs, targets), args.device, warmup=MEMORY_WARMUP))
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict | None]:
+    """Each variant's step memory, each in a fresh process of this script (None where unavailable)."""
+    shared = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
+    memory: dict[str, dict | None] = {}
+    for name in VARIANTS:
+        try:
+            memory[name] = memory_in_fresh_process(Path(__file__).resolve(), name, shared)
+        except MemoryUnavailable as err:
+            print(f"memory: not measured ({err})")
+            memory[name] = None
+    return memory
+
+
+def figures_of(variants: list[Variant], ratios: dict[str, float], memory: dict[str, dict | None],
+               batch_size: int) -> list[dict]:
+    """The figures of the report: time ratios against their targets, then the memory."""
+    out = [figure(f"full-precision step ({MODEL}, batch {batch_size})", variants[0].median_ms, "ms")]
+    out += [figure(f"{FIGURE_NAMES[name]} ({MODEL}, batch {batch_size})", ratios[name], "x", ("<=", limit))
+            for name, limit in TARGETS.items()]
+    if memory:
+        for name in VARIANTS:
+            out.append(figure(f"peak memory of one {STEP_NAMES[name]} step (over the memory live before it)",
+                              (memory[name] or {}).get("step_mib"), "MiB"))
+        fp = (memory["fp"] or {}).get("step_mib")
+        for name in ("fixed", "supernet"):
+            step_mib = (memory[name] or {}).get("step_mib")
+            ratio = step_mib / fp if step_mib is not None and fp else None
+            limit = MEMORY_TARGETS.get(name)
+            out.append(figure(f"peak memory of one {STEP_NAMES[name]} step / one full-precision step", ratio, "x",
+                              ("<=", limit) if limit is not None else None))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.memory_only:
+        memory_only(args)
+        return
 
-    variants, policy = build_variants()
-    inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE)
-    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,))
+    variants, policy = build_variants(VARIANTS, args.device)
+    inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE).to(args.device)
+    targets = torch.randint(0, NUM_CLASSES, (args.batch_size,)).to(args.device)
     steps = {variant.name: make_step(variant, inputs, targets) for variant in variants}
 
     searched = [bits for name, bits in policy.items() if bits != (FIXED_BITS, FIXED_BITS)]
     print(f"{MODEL}, batch {args.batch_size}x{IN_CHANNELS}x{INPUT_SIZE}x{INPUT_SIZE}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps")
+          f"{torch.get_num_threads()} threads, {args.device}; warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps")
     print(f"fixed policy (seed {POLICY_SEED}): {len(policy)} layers, first/last at {FIXED_BITS}/{FIXED_BITS}, "
           f"others mean w={np.mean([w for w, _ in searched]):.2f} a={np.mean([a for _, a in searched]):.2f} bits")
 
@@ -221,7 +313,26 @@ def main(argv: list[str] | None = None) -> None:
     print()
     passed = {name: ratios[name] <= limit for name, limit in TARGETS.items()}
     for name, limit in TARGETS.items():
-        print(f"target {name}/fp <= {limit:.1f}x: {ratios[name]:.2f}x  {'PASS' if passed[name] else 'MISS'}")
+        print(f"target {name}/fp <= {limit:.2f}x: {ratios[name]:.2f}x  {'PASS' if passed[name] else 'MISS'}")
+
+    memory = measure_memory(args) if args.memory else {}
+    if memory:
+        print()
+        fp_mib = (memory["fp"] or {}).get("step_mib")
+        print(f"peak memory of one step over the memory live before it ({'CUDA allocator' if args.device != 'cpu' else 'RSS'}, "
+              f"each variant in a fresh process):")
+        for name in VARIANTS:
+            m = memory[name]
+            if m is None:
+                print(f"{name:<10} {'-':>9}")
+                continue
+            ratio = f"{m['step_mib'] / fp_mib:>6.2f}" if fp_mib else f"{'-':>6}"
+            print(f"{name:<10} {m['step_mib']:>9.1f} MiB {ratio}  (before the step: {m['baseline_mib']:.1f} MiB)")
+        for name, limit in MEMORY_TARGETS.items():
+            step_mib = (memory[name] or {}).get("step_mib")
+            if step_mib is not None and fp_mib:
+                ratio = step_mib / fp_mib
+                print(f"target memory {name}/fp <= {limit:.2f}x: {ratio:.2f}x  {'PASS' if ratio <= limit else 'MISS'}")
 
     if args.profile:
         print()
@@ -229,11 +340,12 @@ def main(argv: list[str] | None = None) -> None:
         print(profile_step(steps["supernet"]))
 
     if args.json is not None:
-        figures = {
+        raw = {
             "model": MODEL,
             "batch_size": args.batch_size,
             "input_size": INPUT_SIZE,
             "threads": torch.get_num_threads(),
+            "device": args.device,
             "torch": torch.__version__,
             "warmup": args.warmup,
             "steps": args.steps,
@@ -249,9 +361,9 @@ def main(argv: list[str] | None = None) -> None:
                 for v in variants
             },
             "targets": {name: {"max_ratio": limit, "pass": passed[name]} for name, limit in TARGETS.items()},
+            "memory": memory or None,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, make_result("quant_overhead", figures_of(variants, ratios, memory, args.batch_size), **raw))
         print(f"wrote {args.json}")
 
     print(f"ratio: fixed/fp={ratios['fixed']:.2f} supernet/fp={ratios['supernet']:.2f}")

@@ -9,20 +9,29 @@ Measures, in one process, the wall time of one step of ResNet-20 (10 classes) on
 - ``asga_k5``: ASGA's periodic variant, the two-pass step every 5 steps and plain steps between
   (timed over whole periods, so the mean is the per-step cost a run pays).
 
-Two passes make 2.0x the floor for ASGA against a single-pass DNAS step; the targets are
-ASGA <= 2.4x and periodic ASGA <= 1.5x of DNAS. Variants are timed in interleaved rounds and the
-median per-step time is reported; on shared machines only the ratios of one run mean anything.
+Two passes make 2.0x the floor for ASGA against a single-pass DNAS step. The targets are against
+the full-precision step: ASGA <= 2.40x and periodic ASGA (k=5) <= 1.40x. Variants are timed in
+interleaved rounds and the median per-step time is reported; on shared machines only the ratios of
+one run mean anything.
 
-    .venv/bin/python benchmarks/search_step.py [--batch-size 128] [--steps 10] [--rounds 3]
+Peak memory: each method's step is then measured again in a fresh process of this script
+(``--memory-only <variant>``): after the warm-up, the peak memory of one step (for ``asga_k5`` the
+largest over one period) over the memory live before it (peak RSS on the CPU, torch's allocator
+statistics on CUDA; ``benchmarks/common.py``). ``--no-memory`` skips it. ``--device cuda`` runs the
+steps on the GPU and waits for the device before each timer is read (``scripts/gpu_check.sh``).
 
-The last line printed is ``ratio: asga/dnas=<x> asga_k5/dnas=<y> dnas/fp=<z>``.
+    .venv/bin/python benchmarks/search_step.py [--batch-size 128] [--steps 10] [--rounds 3] [--device cpu]
+    .venv/bin/python benchmarks/search_step.py --json benchmarks/results/search_step.json
+
+``--json`` writes the figures with the machine, the targets and whether each is met. The last line
+printed is ``ratio: asga/dnas=<x> asga_k5/dnas=<y> dnas/fp=<z> asga/fp=<u> asga_k5/fp=<v>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +44,25 @@ from framework.paths import CONF_DIR
 from framework.quant import build_supernet, trace_layers
 from framework.search.step import SearchStep
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
+from benchmarks.common import (  # noqa: E402
+    MemoryUnavailable,
+    check_device,
+    figure,
+    make_result,
+    memory_in_fresh_process,
+    print_memory,
+    step_memory,
+    synchronizer,
+    write_json,
+)
+
+VARIANTS = ("fp", "dnas", "seam", "asga", "asga_k5")
+METHODS = {"dnas": ("dnas", 1), "seam": ("seam", 1), "asga": ("asga", 1), "asga_k5": ("asga", 5)}  # search=, period
+TARGETS = {"asga": 2.40, "asga_k5": 1.40}  # max ratio of the per-step time to a full-precision step
+LABELS = {"fp": "full-precision", "dnas": "DNAS search", "seam": "SEAM search", "asga": "ASGA search",
+          "asga_k5": "periodic ASGA (k=5)"}
+
 
 def search_config(method: str, period: int = 1):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -45,13 +73,14 @@ def search_config(method: str, period: int = 1):
     return scfg
 
 
-def build_variants(batch_size: int):
+def build_variants(batch_size: int, device: str = "cpu", names: tuple[str, ...] = VARIANTS):
+    """`{name: (step function, period)}` for `names`, with their models and the batch on `device`."""
     torch.manual_seed(0)
-    x = torch.randn(batch_size, 3, 32, 32)
-    y = torch.randint(0, 10, (batch_size,))
+    x = torch.randn(batch_size, 3, 32, 32).to(device)
+    y = torch.randint(0, 10, (batch_size,)).to(device)
     variants = {}
 
-    fp = create_model("resnet20", num_classes=10, in_channels=3)
+    fp = create_model("resnet20", num_classes=10, in_channels=3).to(device)
     opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9)
 
     def fp_step():
@@ -59,32 +88,89 @@ def build_variants(batch_size: int):
         torch.nn.functional.cross_entropy(fp(x), y).backward()
         opt.step()
 
-    variants["fp"] = (fp_step, 1)
-    for name, method, period in (("dnas", "dnas", 1), ("seam", "seam", 1), ("asga", "asga", 1), ("asga_k5", "asga", 5)):
+    if "fp" in names:
+        variants["fp"] = (fp_step, 1)
+    for name, (method, period) in METHODS.items():
+        if name not in names:
+            continue
         scfg = search_config(method, period)
         model = create_model("resnet20", num_classes=10, in_channels=3)
         layers = trace_layers(model, 32, 3)
         build_supernet(model, layers, scfg.quant)
+        model.to(device)
         reference = float(sum(layer.macs * 36 for layer in layers))
-        step = SearchStep(model, scfg, 10, "linear", reference, torch.device("cpu"))
+        step = SearchStep(model, scfg, 10, "linear", reference, torch.device(device))
         variants[name] = ((lambda s=step: s((x, y))), period)
     return variants
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round (a multiple of 5)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and the batch live")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurement (one fresh process per variant)")
+    parser.add_argument("--memory-only", choices=VARIANTS, default=None, metavar="VARIANT",
+                        help="measure the peak memory of one step of VARIANT in this process, print it, and stop "
+                             "(what the main run starts per variant)")
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    return args
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    """`--memory-only VARIANT`: the peak memory of one step of that variant alone (for the periodic
+    one, warmed up over one period, the largest over the next), as the last line."""
+    fn, period = build_variants(args.batch_size, args.device, (args.memory_only,))[args.memory_only]
+    print_memory(args.memory_only, step_memory(fn, args.device, warmup=max(2, period), steps=period))
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict | None]:
+    """Each variant's step memory, each in a fresh process of this script (None where unavailable)."""
+    shared = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
+    memory: dict[str, dict | None] = {}
+    for name in VARIANTS:
+        try:
+            memory[name] = memory_in_fresh_process(Path(__file__).resolve(), name, shared)
+        except MemoryUnavailable as err:
+            print(f"memory: not measured ({err})")
+            memory[name] = None
+    return memory
+
+
+def figures_of(ms: dict[str, float], memory: dict[str, dict | None], batch_size: int) -> list[dict]:
+    """The figures of the report: per-step time ratios (the targets' against full precision), then
+    each method's step memory."""
+    out = [figure(f"full-precision step (resnet20, batch {batch_size})", ms["fp"], "ms")]
+    for name in VARIANTS[1:]:
+        limit = TARGETS.get(name)
+        out.append(figure(f"{LABELS[name]} step / full-precision step (resnet20, batch {batch_size})", ms[name] / ms["fp"],
+                          "x", ("<=", limit) if limit is not None else None))
+    out.append(figure("ASGA search step / DNAS search step", ms["asga"] / ms["dnas"], "x"))
+    out.append(figure("periodic ASGA (k=5) step / DNAS search step", ms["asga_k5"] / ms["dnas"], "x"))
+    for name in VARIANTS if memory else ():
+        out.append(figure(f"peak memory of one {LABELS[name]} step (over the memory live before it)",
+                          (memory[name] or {}).get("step_mib"), "MiB"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_only:
+        memory_only(args)
+        return
+    sync = synchronizer(args.device)
     steps = max(5, args.steps // 5 * 5)
-    variants = build_variants(args.batch_size)
+    variants = build_variants(args.batch_size, args.device)
     for fn, _ in variants.values():  # warm-up (allocations, learned-range signs)
         for _ in range(2):
             fn()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):
@@ -93,18 +179,33 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
+            sync()
             times[name].append((time.perf_counter() - start) / steps)
     ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
-    print(f"resnet20, batch {args.batch_size}x3x32x32, {args.threads} threads, {args.rounds} rounds x {steps} steps")
+    print(f"resnet20, batch {args.batch_size}x3x32x32, {args.threads} threads, {args.device}, {args.rounds} rounds x {steps} steps")
     print(f"{'variant':<10}{'ms/step':>10}{'x fp':>8}{'x dnas':>8}")
     for name in names:
         print(f"{name:<10}{ms[name]:>10.1f}{ms[name] / ms['fp']:>8.2f}{ms[name] / ms['dnas']:>8.2f}")
     asga, periodic = ms["asga"] / ms["dnas"], ms["asga_k5"] / ms["dnas"]
-    print(f"target asga/dnas <= 2.4x: {asga:.2f}x {'PASS' if asga <= 2.4 else 'MISS'}")
-    print(f"target asga_k5/dnas <= 1.5x: {periodic:.2f}x {'PASS' if periodic <= 1.5 else 'MISS'}")
+    for name, limit in TARGETS.items():
+        ratio = ms[name] / ms["fp"]
+        print(f"target {name}/fp <= {limit:.2f}x: {ratio:.2f}x {'PASS' if ratio <= limit else 'MISS'}")
+
+    memory = measure_memory(args) if args.memory else {}
+    if memory:
+        print(f"peak memory of one step over the memory live before it ({'CUDA allocator' if args.device != 'cpu' else 'RSS'}, "
+              f"each variant in a fresh process):")
+        for name in VARIANTS:
+            m = memory[name]
+            print(f"{name:<10}" + (f"{m['step_mib']:>10.1f} MiB  (before the step: {m['baseline_mib']:.1f} MiB)" if m else f"{'-':>10}"))
     if args.json:
-        args.json.write_text(json.dumps({"ms_per_step": ms, "rounds": times}, indent=2))
-    print(f"ratio: asga/dnas={asga:.2f} asga_k5/dnas={periodic:.2f} dnas/fp={ms['dnas'] / ms['fp']:.2f}")
+        write_json(args.json, make_result(
+            "search_step", figures_of(ms, memory, args.batch_size), ms_per_step=ms, rounds=times,
+            batch_size=args.batch_size, steps=steps, rounds_count=args.rounds, threads=args.threads, device=args.device,
+            memory=memory or None))
+        print(f"wrote {args.json}")
+    print(f"ratio: asga/dnas={asga:.2f} asga_k5/dnas={periodic:.2f} dnas/fp={ms['dnas'] / ms['fp']:.2f} "
+          f"asga/fp={ms['asga'] / ms['fp']:.2f} asga_k5/fp={ms['asga_k5'] / ms['fp']:.2f}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ an otherwise idle 2-core machine.
     .venv/bin/python benchmarks/sweep_parallel.py --trials 4 --per-class 150 --batch-size 50 --epochs 4 \
         --method asga --checkpoint outputs/pretrain/<run>/checkpoints/last --json /tmp/sweep_parallel.json
 
-The last line printed is ``ratio: speedup=<serial / sweep> in_process=<in-process / sweep>``.
+``--json`` writes the figures with the machine, the target and whether it is met
+(``benchmarks/common.py``). The last line printed is
+``ratio: speedup=<serial / sweep> in_process=<in-process / sweep>``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from importlib import metadata
 from pathlib import Path
 
 from omegaconf import open_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
+from benchmarks.common import figure, make_result, write_json  # noqa: E402
 
 TARGET = 1.7
 
@@ -187,10 +192,16 @@ def main() -> int:
     print(f"  speed-up {speedup:.2f}x over the mpq search loop (target >= {TARGET}x: {'met' if speedup >= TARGET else 'NOT met'})"
           + (f", {strict:.2f}x over the in-process loop" if strict else ""))
     if args.json:
-        args.json.write_text(json.dumps({"serial_seconds": serial_seconds, "in_process_seconds": in_process_seconds,
-                                         "sweep_seconds": sweep_seconds, "speedup": speedup, "speedup_in_process": strict,
-                                         "same_results": same, "trials": serial, "in_process": in_process,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+        what = f"{len(plan.trials)} {args.method} searches, {args.concurrency} at a time"
+        figures = [figure(f"sweep speed-up: serial mpq search loop / mpq sweep wall time ({what})", speedup, "x",
+                          (">=", TARGET)),
+                   figure("same proxy top-1 for every trial on every side", same, "", ("==", True))]
+        if strict:
+            figures.insert(1, figure(f"in-process loop / mpq sweep wall time ({what})", strict, "x"))
+        write_json(args.json, make_result(
+            "sweep_parallel", figures, serial_seconds=serial_seconds, in_process_seconds=in_process_seconds,
+            sweep_seconds=sweep_seconds, speedup=speedup, speedup_in_process=strict, same_results=same, trials=serial,
+            in_process=in_process, args={k: str(v) for k, v in vars(args).items()}))
     print(f"ratio: speedup={speedup:.2f}" + (f" in_process={strict:.2f}" if strict else ""))
     return 0
 
