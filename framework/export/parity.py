@@ -24,7 +24,13 @@ Two checks, on images of the target's test split:
    predictions: the framework's own float32 evaluation departs from the exact one on
    `1 - framework.agreement_exact` of the images, the noise floor of any float32 runtime. The packed
    model must match the exact reference (`export.min_agreement`); onnxruntime must match the framework
-   as well, or else stay within twice that floor of the exact reference, plus three images.
+   as well, or else stay within twice that floor of the exact reference, plus three images, or else
+   flip no prediction that float32 rounding cannot explain: `flips_beyond_noise` counts the images
+   where the runtime's class differs from the exact one although the exact logits of the two classes
+   lie further apart than twice the largest logit change float32 rounding made in the framework's own
+   evaluation (`framework.max_abs_diff_exact`). A network trained for seconds can be chaotic (one
+   early code flip moves its logits by thousands of steps) and meet only this last test; a
+   well-trained one meets the first (the default pipeline's model: 100 % agreement).
 
 2. **Layer by layer.** Every layer is fed the framework's own input of that layer, and the packed
    layer and the layer alone in onnxruntime are compared with the framework's output (after its
@@ -129,6 +135,7 @@ def compare(framework: nn.Module, packed: nn.Module, sessions: dict[str, Any], b
     against_framework = {key: _Tally() for key in runtimes}
     against_exact = {key: _Tally() for key in ("framework", *runtimes)}
     correct = {key: 0 for key in ("framework", "exact", *runtimes)}
+    flip_margins: dict[str, list[float]] = {key: [] for key in runtimes}  # exact logit gaps of flipped images
     count = 0
     step = None if output_step is None else np.abs(np.asarray(output_step, dtype=np.float64))
     with torch.no_grad():
@@ -147,6 +154,12 @@ def compare(framework: nn.Module, packed: nn.Module, sessions: dict[str, Any], b
                 against_framework[key].add(logits[key], logits["framework"], step)
             for key in against_exact:
                 against_exact[key].add(logits[key], logits["exact"], step)
+            exact_top = logits["exact"].argmax(1)
+            rows = np.arange(len(exact_top))
+            for key in runtimes:
+                flipped = np.flatnonzero(logits[key].argmax(1) != exact_top)
+                gaps = logits["exact"][rows[flipped], exact_top[flipped]] - logits["exact"][flipped, logits[key].argmax(1)[flipped]]
+                flip_margins[key].extend(float(g) for g in gaps)
             count += len(labels_np)
             if progress is not None:
                 progress(len(labels_np))
@@ -154,9 +167,11 @@ def compare(framework: nn.Module, packed: nn.Module, sessions: dict[str, Any], b
     report: dict[str, Any] = {"images": count, "exact": {"top1": correct["exact"] / n},
                               "framework": {"top1": correct["framework"] / n,
                                             **against_exact["framework"].report(has_step, "_exact")}}
+    noise = 2 * against_exact["framework"].max_abs
     for key in runtimes:
         report[key] = {"top1": correct[key] / n, **against_framework[key].report(has_step),
-                       **against_exact[key].report(has_step, "_exact")}
+                       **against_exact[key].report(has_step, "_exact"),
+                       "flips_beyond_noise": sum(gap > noise for gap in flip_margins[key])}
     return report
 
 
@@ -271,7 +286,8 @@ def failures(report: dict[str, Any], layers: dict[str, Any], min_agreement: floa
       `min_agreement` of the images;
     - a float32 runtime (onnxruntime) agreeing with the framework on fewer than `min_agreement`, unless
       float32 rounding alone already moves that many: it departs from the exact reference on no more
-      than twice as many images as the framework's own float32 evaluation does, plus three;
+      than twice as many images as the framework's own float32 evaluation does, plus three, or only
+      on images whose exact logits are within float32's noise (`flips_beyond_noise` is 0);
     - a layer that, fed the framework's own input, differs from the framework's output by more than
       its tolerance (:func:`compare_layers`) in some runtime.
     """
@@ -286,12 +302,14 @@ def failures(report: dict[str, Any], layers: dict[str, Any], min_agreement: floa
                 problems.append(f"the packed model agrees with the framework computed exactly (float64) on "
                                 f"{100 * row['agreement_exact']:.2f}% of predictions (export.min_agreement={min_agreement})")
             continue
-        within_noise = 1 - row["agreement_exact"] <= 2 * floor + 3 / images
+        flips, floor_flips = round((1 - row["agreement_exact"]) * images), round(floor * images)  # whole images
+        within_noise = flips <= 2 * floor_flips + 3 or row.get("flips_beyond_noise") == 0
         if row["agreement"] < min_agreement and not within_noise:
             problems.append(f"{key} agrees with the framework on {100 * row['agreement']:.2f}% of predictions "
                             f"(export.min_agreement={min_agreement}) and with the exact computation on "
                             f"{100 * row['agreement_exact']:.2f}%, where the framework's own float32 evaluation "
-                            f"agrees on {100 * (1 - floor):.2f}%")
+                            f"agrees on {100 * (1 - floor):.2f}%, and {row.get('flips_beyond_noise')} of its flips are "
+                            f"beyond float32's noise")
     for name, row in layers["layers"].items():
         if row["unit"] != "steps":
             continue

@@ -119,15 +119,14 @@ def assert_parity(result):
     if packed["max_diff_steps_exact"] is not None:
         assert packed["max_diff_steps_exact"] < 0.5, packed
     # onnxruntime computes in float32: the framework's predictions, or no further from the exact ones
-    # than float32 rounding takes the framework's own evaluation (twice that, plus ten images). The
-    # tiny ResNet-50 is chaotic in float32 (its logits move thousands of output steps when one early
-    # code flips): onnxruntime's predictions agreed with the exact ones on 99.2 %, 98.6 % and 99.6 % of
-    # 500 images in three runs, while the framework's own float32 agreed on 99.2-100 %. What proves the
-    # export right is the layer-by-layer check below; a wrong layer flips far more than ten images
+    # than float32 rounding takes the framework's own evaluation (twice that, plus three images), or
+    # no flip that float32's noise cannot explain (the tiny ResNet-50 is chaotic: onnxruntime agreed
+    # with the exact predictions on 99.2 %, 98.6 %, 99.6 % and 98.6 % of 500 images in four runs)
     floor = 1 - parity["framework"]["agreement_exact"]
     for runtime in ("onnx_off", "onnx_default"):
         row = parity[runtime]
-        assert row["agreement"] >= 0.999 or 1 - row["agreement_exact"] <= 2 * floor + 10 / n, (runtime, row, floor)
+        flips, floor_flips = round((1 - row["agreement_exact"]) * n), round(floor * n)
+        assert row["agreement"] >= 0.999 or flips <= 2 * floor_flips + 3 or row["flips_beyond_noise"] == 0, (runtime, row)
     # each layer, fed the framework's own input, computes the framework's output in every runtime
     layers = parity["layer_by_layer"]
     for name, row in layers["layers"].items():

@@ -168,6 +168,23 @@ def test_the_layer_check_catches_a_layer_that_computes_something_else():
     assert problems and all("layer 'conv2'" in problem for problem in problems)
 
 
+def test_end_to_end_flips_pass_only_within_float32_noise():
+    """onnxruntime under min_agreement passes when float32 rounding explains its flips, not otherwise."""
+    def report(agreement, flips_beyond_noise):
+        return {"images": 500, "framework": {"agreement_exact": 1.0},
+                "packed": {"agreement": 1.0, "agreement_exact": 1.0},
+                "onnx_off": {"agreement": agreement, "agreement_exact": agreement, "flips_beyond_noise": flips_beyond_noise}}
+
+    no_layers = {"layers": {}}
+    assert failures(report(1.0, 0), no_layers, 0.999) == []
+    assert failures(report(0.994, 3), no_layers, 0.999) == []  # three images: the allowance, exactly
+    assert failures(report(0.992, 0), no_layers, 0.999) == []  # four flips, each within the noise
+    assert failures(report(0.986, 0), no_layers, 0.999) == []  # seven flips, each within the noise
+    assert len(failures(report(0.992, 4), no_layers, 0.999)) == 1  # four flips beyond the allowance and the noise
+    (problem,) = failures(report(0.986, 1), no_layers, 0.999)  # one flip float32 cannot explain
+    assert problem.startswith("onnx_off agrees with the framework on 98.60%") and "1 of its flips" in problem
+
+
 class WithGelu(nn.Module):
     def __init__(self):
         super().__init__()
