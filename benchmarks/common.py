@@ -272,6 +272,30 @@ def synchronizer(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+def add_step_options(parser: argparse.ArgumentParser, variants: Sequence[str]) -> None:
+    """The options every step benchmark shares: `--device`, `--no-memory` and `--memory-only VARIANT`."""
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and the batch live")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurement (one fresh process per variant)")
+    parser.add_argument("--memory-only", choices=list(variants), default=None, metavar="VARIANT",
+                        help="measure the peak memory of one step of VARIANT in this process, print it, and stop "
+                             "(what the main run starts per variant)")
+
+
+def measure_memory(script: Path, variants: Sequence[str], batch_size: int, threads: int,
+                   device: str) -> dict[str, dict[str, Any] | None]:
+    """Each variant's step memory, each in a fresh process of `script` (None where unavailable)."""
+    shared = ["--batch-size", str(batch_size), "--threads", str(threads), "--device", device]
+    memory: dict[str, dict[str, Any] | None] = {}
+    for name in variants:
+        try:
+            memory[name] = memory_in_fresh_process(script, name, shared)
+        except MemoryUnavailable as err:
+            print(f"memory: not measured ({err})")
+            memory[name] = None
+    return memory
+
+
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
     """`--device` must be `cpu`, or `cuda[:N]` on a machine with CUDA: else a parser error (exit 2)."""
     import torch

@@ -57,12 +57,12 @@ from framework.quant import build_supernet, fixed_layer_names, quantize_model, t
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
 from benchmarks.common import (  # noqa: E402
-    MemoryUnavailable,
+    add_step_options,
     check_device,
     cores,
     figure,
     make_result,
-    memory_in_fresh_process,
+    measure_memory,
     print_memory,
     step_memory,
     synchronizer,
@@ -117,12 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: 3)")
     parser.add_argument("--profile", action="store_true", help="profile one supernet step and print its top ops")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and the batch live")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="skip the peak-memory measurement (one fresh process per variant)")
-    parser.add_argument("--memory-only", choices=VARIANTS, default=None, metavar="VARIANT",
-                        help="measure the peak memory of one step of VARIANT in this process, print it, and stop "
-                             "(what the main run starts per variant)")
+    add_step_options(parser, VARIANTS)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     for name in ("threads", "batch_size", "steps", "rounds"):
@@ -250,19 +245,6 @@ def memory_only(args: argparse.Namespace) -> None:
     print_memory(variant.name, step_memory(make_step(variant, inputs, targets), args.device, warmup=MEMORY_WARMUP))
 
 
-def measure_memory(args: argparse.Namespace) -> dict[str, dict | None]:
-    """Each variant's step memory, each in a fresh process of this script (None where unavailable)."""
-    shared = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
-    memory: dict[str, dict | None] = {}
-    for name in VARIANTS:
-        try:
-            memory[name] = memory_in_fresh_process(Path(__file__).resolve(), name, shared)
-        except MemoryUnavailable as err:
-            print(f"memory: not measured ({err})")
-            memory[name] = None
-    return memory
-
-
 def figures_of(variants: list[Variant], ratios: dict[str, float], memory: dict[str, dict | None],
                batch_size: int) -> list[dict]:
     """The figures of the report: time ratios against their targets, then the memory."""
@@ -315,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, limit in TARGETS.items():
         print(f"target {name}/fp <= {limit:.2f}x: {ratios[name]:.2f}x  {'PASS' if passed[name] else 'MISS'}")
 
-    memory = measure_memory(args) if args.memory else {}
+    memory = measure_memory(Path(__file__).resolve(), VARIANTS, args.batch_size, args.threads, args.device) if args.memory else {}
     if memory:
         print()
         fp_mib = (memory["fp"] or {}).get("step_mib")

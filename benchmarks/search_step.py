@@ -46,11 +46,11 @@ from framework.search.step import SearchStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
 from benchmarks.common import (  # noqa: E402
-    MemoryUnavailable,
+    add_step_options,
     check_device,
     figure,
     make_result,
-    memory_in_fresh_process,
+    measure_memory,
     print_memory,
     step_memory,
     synchronizer,
@@ -111,12 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models and the batch live")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="skip the peak-memory measurement (one fresh process per variant)")
-    parser.add_argument("--memory-only", choices=VARIANTS, default=None, metavar="VARIANT",
-                        help="measure the peak memory of one step of VARIANT in this process, print it, and stop "
-                             "(what the main run starts per variant)")
+    add_step_options(parser, VARIANTS)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     return args
@@ -127,19 +122,6 @@ def memory_only(args: argparse.Namespace) -> None:
     one, warmed up over one period, the largest over the next), as the last line."""
     fn, period = build_variants(args.batch_size, args.device, (args.memory_only,))[args.memory_only]
     print_memory(args.memory_only, step_memory(fn, args.device, warmup=max(2, period), steps=period))
-
-
-def measure_memory(args: argparse.Namespace) -> dict[str, dict | None]:
-    """Each variant's step memory, each in a fresh process of this script (None where unavailable)."""
-    shared = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
-    memory: dict[str, dict | None] = {}
-    for name in VARIANTS:
-        try:
-            memory[name] = memory_in_fresh_process(Path(__file__).resolve(), name, shared)
-        except MemoryUnavailable as err:
-            print(f"memory: not measured ({err})")
-            memory[name] = None
-    return memory
 
 
 def figures_of(ms: dict[str, float], memory: dict[str, dict | None], batch_size: int) -> list[dict]:
@@ -191,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = ms[name] / ms["fp"]
         print(f"target {name}/fp <= {limit:.2f}x: {ratio:.2f}x {'PASS' if ratio <= limit else 'MISS'}")
 
-    memory = measure_memory(args) if args.memory else {}
+    memory = measure_memory(Path(__file__).resolve(), VARIANTS, args.batch_size, args.threads, args.device) if args.memory else {}
     if memory:
         print(f"peak memory of one step over the memory live before it ({'CUDA allocator' if args.device != 'cpu' else 'RSS'}, "
               f"each variant in a fresh process):")

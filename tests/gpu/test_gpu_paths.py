@@ -28,6 +28,8 @@ from torch import nn
 
 from framework.quant.quantizers import LearnedRangeActQuantizer, LSQQuantizer
 from tests.conftest import compose_config, make_image_tree
+from tests.unit.test_engine_two_pass import _quantized as _quantized_on_cpu
+from tests.unit.test_ffcv import _with, fmnist  # noqa: F401 (the CPU tests' Fashion-MNIST beton fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -140,27 +142,7 @@ def test_fused_mixed_activation_on_cuda_equals_the_eager_function_and_the_quanti
 
 # -- the FFCV loader's device transfer ------------------------------------------------------------------
 
-def _with(data_cfg, **values):
-    cfg = data_cfg.copy()
-    with open_dict(cfg):
-        for key, value in values.items():
-            cfg[key] = value
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-    """Fashion-MNIST's test split as a raw beton, as in tests/unit/test_ffcv.py."""
-    from framework.data.beton import prepare_betons
-
-    folder = tmp_path_factory.mktemp("betons")
-    cfg = compose_config("pretrain", ["data=fashion_mnist", f"data.ffcv.dir={folder}", "data.test_fraction=0.05",
-                                      "data.augment=false", "data.ffcv.write.workers=2"]).data
-    prepare_betons(cfg, ["test"])
-    return cfg
-
-
-def test_ffcv_loader_delivers_the_torch_loaders_batches_on_the_gpu(fmnist):
+def test_ffcv_loader_delivers_the_torch_loaders_batches_on_the_gpu(fmnist):  # noqa: F811
     """Raw digits, evaluation and (un-augmented) training with accumulation: the same labels and
     pixels as the torch loader's CPU batches, already on the current CUDA device."""
     from framework.data import build_dataset, build_loader
@@ -207,28 +189,9 @@ def test_ffcv_photos_are_normalised_on_the_gpu_as_on_the_cpu(tmp_path, monkeypat
 
 # -- DeepSpeed in half precision, two-pass steps --------------------------------------------------------
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 8 * 8, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
-
-
 def _quantized(seed: int) -> nn.Module:
-    """Net under LSQ 4/4 (fused kernels on: conf/quant/lsq.yaml), initialised, on the GPU."""
-    from framework.quant.convert import quantize_model
-    from framework.quant.cost import trace_layers
-
-    torch.manual_seed(seed)
-    model = Net()
-    layers = trace_layers(model, 8, 1)
-    quantize_model(model, {layer.name: (4, 4) for layer in layers}, compose_config("finetune").quant, layers)
-    model(torch.randn(8, 1, 8, 8))  # initialise the LSQ step sizes
-    return model.to(CUDA)
+    """The CPU tests' Net under LSQ 4/4 (fused kernels on: conf/quant/lsq.yaml), initialised, on the GPU."""
+    return _quantized_on_cpu(seed).to(CUDA)
 
 
 def _engine(model: nn.Module, precision: str, two_pass: bool = True):
