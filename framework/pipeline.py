@@ -8,6 +8,7 @@ the next, never live objects.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ EXPORT_SUMMARY = ("packed_top1", "onnx_top1", "onnx_default_top1", "agreement", 
 BASELINE_POLICY = "uniform-budget"
 
 
-def run_pipeline(cfg: DictConfig) -> Result:
+#: RunStage(stage name, the stage's config) -> its Result: where the pipeline's stages run when not
+#: in this process (`launcher=ray` sends them to Ray Train workers, launchers/ray_train.py)
+RunStage = Callable[[str, DictConfig], Result]
+
+
+def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
     """The default run, each stage in its own sub-folder, then one summary table.
 
     pretrain (full precision, target data) -> search (policy on the proxy data, from the pretrained
@@ -46,16 +52,20 @@ def run_pipeline(cfg: DictConfig) -> Result:
     `export/`) and the summary shows its packed size and parity. With `pipeline.baseline` (the
     default) the `uniform-budget` policy (the highest uniform W/A within the search's budget) is
     fine-tuned and evaluated the same way in `finetune_baseline/` and `evaluate_baseline/`, and the
-    summary shows it beside the searched policy.
+    summary shows it beside the searched policy. With `run_stage` (`launcher=ray`), every stage
+    but the sweep runs through it (the sweep's Ray Tune joins the Ray this process is connected to).
     """
     stage = "pipeline"
     run_dir = run_directory(cfg, stage)
     rows: list[dict[str, Any]] = []
     artifacts: dict[str, str] = {}
 
+    elsewhere = {run_pretrain: "pretrain", run_search: "search", run_finetune: "finetune", run_evaluate: "evaluate",
+                 run_export: "export"}
+
     def timed(name: str, fn, sub_cfg) -> Result:
         started = time.time()
-        result = fn(sub_cfg)
+        result = run_stage(elsewhere[fn], sub_cfg) if run_stage is not None and fn in elsewhere else fn(sub_cfg)
         rows.append({"stage": name, "seconds": time.time() - started, "metrics": result.metrics})
         return result
 

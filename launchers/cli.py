@@ -221,6 +221,11 @@ def _task(cfg) -> None:
 
             submit_stage(cfg, stage, list(HydraConfig.get().overrides.task), run_dir, main)
             return
+        elif cfg.launcher.name == "ray":
+            from launchers.ray_train import submit_stage as submit_to_ray
+
+            submit_to_ray(cfg, stage, run_dir)
+            return
         from framework.dist.launch import should_spawn, spawn_local
 
         if should_spawn(cfg):

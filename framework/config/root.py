@@ -1,5 +1,5 @@
 """The whole config: the root keys of conf/config.yaml and one schema per group, plus the checks
-across groups (several processes only for the training stages; ZeRO stage 3 refused as
+across groups (several processes only for the training stages, and the pipeline's with `launcher=ray`; ZeRO stage 3 refused as
 framework.dist.engine.check_zero_stage says).
 
 `tune` and `launcher` are absent from a sweep trial's config (framework.tune.plan drops them), so
@@ -15,7 +15,7 @@ from framework.config.dist import DistConfig
 from framework.config.export import ExportConfig
 from framework.config.finetune import FinetuneConfig
 from framework.config.landscape import LandscapeConfig
-from framework.config.launcher import LocalLauncher, SlurmLauncher
+from framework.config.launcher import LocalLauncher, RayLauncher, SlurmLauncher
 from framework.config.model import ModelConfig
 from framework.config.quant import QuantConfig
 from framework.config.search import SearchConfig
@@ -83,7 +83,7 @@ class RootConfig(Schema):
     export: ExportConfig
     tracking: TrackingConfig
     tune: TuneConfig | None = None  # absent from a sweep trial's config only
-    launcher: Annotated[LocalLauncher | SlurmLauncher, Field(discriminator="name")] | None = None  # likewise
+    launcher: Annotated[LocalLauncher | SlurmLauncher | RayLauncher, Field(discriminator="name")] | None = None  # likewise
     dist: DistConfig
     study: StudyConfig | None = None  # `mpq study study=<name>` only
 
@@ -101,9 +101,15 @@ class RootConfig(Schema):
 
     @model_validator(mode="after")
     def _processes(self):
-        if self.dist.nproc > 1 and self.stage not in TRAINING_STAGES:
+        ray_pipeline = self.stage == "pipeline" and self.launcher is not None and self.launcher.name == "ray"
+        if self.dist.nproc > 1 and self.stage not in TRAINING_STAGES and not ray_pipeline:
             raise sentence(f"dist.nproc={self.dist.nproc} applies to pretrain and finetune; {self.stage} runs on one "
                            f"process (parallel searches: slurm/search_array.sbatch); drop dist.nproc")
+        per_node = getattr(self.launcher, "workers_per_node", None)
+        if per_node not in (None, 1, self.dist.nproc):
+            raise sentence(f"launcher.workers_per_node={per_node}: Ray Train can hold 1 worker per node (STRICT_SPREAD) or "
+                           f"all dist.nproc={self.dist.nproc} on one node (STRICT_PACK); set 1, {self.dist.nproc} or null "
+                           f"(launcher.placement_strategy then decides)")
         if self.dist.zero_stage == 3 and self.stage in (*TRAINING_STAGES, "pipeline"):
             from framework.dist.engine import check_zero_stage  # raises the one-line MPQError
 

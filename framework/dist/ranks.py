@@ -1,7 +1,10 @@
 """Which process this is: rank, world size and local rank, from the launcher's variables.
 
-Three ways a process learns its place, checked in this order:
+Four ways a process learns its place, checked in this order:
 
+0. **Ray Train** (`launcher=ray`): a worker of a TorchTrainer asks its train context
+   (`ray.train.get_context()`: world rank, world size, local rank); Ray Train has already created
+   the process group (and set the torchrun variables, which the rest of the code reads).
 1. **torchrun** (`dist.nproc=N`, or the multi-node sbatch template that starts torchrun on every
    node): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` are set.
 2. **Slurm tasks** (`srun` with several tasks, e.g. `launcher=slurm dist.nproc=2`): rank =
@@ -28,7 +31,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    source: str = "single"  # single | torchrun | slurm
+    source: str = "single"  # single | ray | torchrun | slurm
 
     @property
     def is_main(self) -> bool:
@@ -50,15 +53,33 @@ def _slurm_tasks(env: dict[str, str]) -> int:
     return int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
 
 
+#: set in a Ray Train worker by the `launcher=ray` train function (launchers/ray_train.py), so that a
+#: process that merely imported Ray is not mistaken for a worker
+RAY_TRAIN_MARKER = "MPQ_RAY_TRAIN_WORKER"
+
+
+def _ray_train_ranks(env: dict[str, str]) -> Ranks | None:
+    """This worker's place in its Ray Train worker group, or None outside one."""
+    if env.get(RAY_TRAIN_MARKER) != "1":
+        return None
+    import ray.train
+
+    context = ray.train.get_context()
+    return Ranks(int(context.get_world_rank()), int(context.get_world_size()), int(context.get_local_rank()), "ray")
+
+
 def launched_ranks(env: dict[str, str] | None = None) -> bool:
     """True when a launcher already started several processes (torchrun, or a multi-task srun)."""
     env = dict(os.environ if env is None else env)
-    return _launched_by_torch(env) or _slurm_tasks(env) > 1
+    return env.get(RAY_TRAIN_MARKER) == "1" or _launched_by_torch(env) or _slurm_tasks(env) > 1
 
 
 def current_ranks(env: dict[str, str] | None = None) -> Ranks:
     """This process's place, from the variables described in the module docstring."""
     env = dict(os.environ if env is None else env)
+    ray_ranks = _ray_train_ranks(env)
+    if ray_ranks is not None:
+        return ray_ranks
     if _launched_by_torch(env):
         return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
     tasks = _slurm_tasks(env)

@@ -89,7 +89,12 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
     return finish_stage(run_dir, result, cfg, main=ranks.is_main)
 
 
-def lost_peer_error(ranks, run_dir: Path, reason: str) -> MPQError:
+class LostPeer(MPQError):
+    """A collective failed because another process of the run died: a crash of the run, not a
+    mistake of the user, so a launcher that restarts its workers (`launcher=ray`) restarts them."""
+
+
+def lost_peer_error(ranks, run_dir: Path, reason: str) -> LostPeer:
     """The one-line error of a rank whose peer died mid-run (killed, out of memory, its node gone):
     the collective it waited in failed; the last checkpoint is whatever was committed before."""
     last = Path(run_dir) / "checkpoints" / "last"
@@ -97,5 +102,5 @@ def lost_peer_error(ranks, run_dir: Path, reason: str) -> MPQError:
         kept = f"the last checkpoint {last} (step {json.loads((last / 'meta.json').read_text())['step']}) is intact"
     except (OSError, ValueError, KeyError):
         kept = "no checkpoint was written yet"
-    return MPQError(f"another process of this {ranks.world_size}-process run died (rank {ranks.rank} saw "
+    return LostPeer(f"another process of this {ranks.world_size}-process run died (rank {ranks.rank} saw "
                     f"\"{reason}\" in a collective); {kept}; run the same command with resume=true to continue")

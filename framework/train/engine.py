@@ -162,6 +162,7 @@ def fit(model: nn.Module, loaders: Loaders, step: TrainingStep, plan: FitPlan, h
                 for hook in on_step:
                     hook(at, loss, acc, info)
                 in_epoch = _first + i
+                stop.check()
                 if distributed and all_reduce_sum([1.0 if stop.received else 0.0])[0] > 0:
                     stop.received = stop.received or "SIGTERM"  # another rank got it: stop together
                 every = plan.checkpoint_every

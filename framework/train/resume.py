@@ -14,6 +14,7 @@ continues at the same step with the same data order and ends with the same weigh
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -42,12 +43,25 @@ class Interrupted(MPQError):
         self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
 
 
+#: a file whose appearance asks a run to stop like SIGTERM does: `launcher=ray` sets it in its
+#: workers, whose training runs outside the main thread and so cannot receive signals
+STOP_FILE_ENV = "MPQ_STOP_FILE"
+
+
 class StopSignals:
-    """Context manager: record SIGTERM/SIGUSR1 instead of dying (main thread only)."""
+    """Context manager: record SIGTERM/SIGUSR1 instead of dying (main thread only), or the
+    appearance of the file `$MPQ_STOP_FILE` (:meth:`check`, called after each step)."""
 
     def __init__(self):
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        self._stop_file = os.environ.get(STOP_FILE_ENV) or None
+
+    def check(self) -> str | None:
+        """What asked the run to stop so far (a signal's name, or `stop request`), else None."""
+        if self.received is None and self._stop_file and os.path.exists(self._stop_file):
+            self.received = "stop request"
+        return self.received
 
     def _handler(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name

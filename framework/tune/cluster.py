@@ -29,14 +29,16 @@ PROBE_TIMEOUT_S = 5.0
 #: Ray workers import the search when they start, while the driver is still setting Tune up, so the
 #: first trials do not pay for importing torch and the framework after they were scheduled (~3 s)
 WORKER_ENV = {"worker_process_setup_hook": "framework.tune.trial.prepare_worker"}
-_START_HINT = "start one (`ray start --head --node-ip-address=<ip> --port=6379`, or slurm/ray_sweep.sbatch) or drop tune.address to run Ray in this process"
+def _start_hint(key: str) -> str:
+    return (f"start one (`ray start --head --node-ip-address=<ip> --port=6379`, or slurm/ray_sweep.sbatch) or drop {key} "
+            f"to run Ray in this process")
 
 
-def _host_port(address: str) -> tuple[str, int]:
+def _host_port(address: str, key: str = "tune.address") -> tuple[str, int]:
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise MPQError(f"tune.address={address} is invalid: expected auto, host:port or ray://host:port")
+        raise MPQError(f"{key}={address} is invalid: expected auto, host:port or ray://host:port")
     return host.strip("[]"), int(port)
 
 
@@ -52,27 +54,28 @@ def _auto_address() -> str | None:
         return None
 
 
-def check_reachable(address: str) -> str:
-    """The concrete address `address` stands for, after checking its head port answers."""
+def check_reachable(address: str, key: str = "tune.address") -> str:
+    """The concrete address `address` (the value of the config key `key`) stands for, after
+    checking its head port answers."""
     target = address
     if address == "auto":
         target = _auto_address()
         if not target:
-            raise MPQError(f"tune.address=auto: no running Ray cluster found (RAY_ADDRESS is unset and no `ray start` "
-                           f"on this machine); {_START_HINT}")
+            raise MPQError(f"{key}=auto: no running Ray cluster found (RAY_ADDRESS is unset and no `ray start` "
+                           f"on this machine); {_start_hint(key)}")
     if target.startswith("ray://"):
         try:
             import grpc  # noqa: F401  (Ray Client's transport)
         except ImportError:
-            raise MPQError(f"tune.address={address}: Ray Client is not installed (pip install 'ray[client]'); or run "
+            raise MPQError(f"{key}={address}: Ray Client is not installed (pip install 'ray[client]'); or run "
                            f"mpq sweep on a node of the cluster with tune.address=auto") from None
-    host, port = _host_port(target)
+    host, port = _host_port(target, key)
     try:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             pass
     except OSError as err:
-        raise MPQError(f"tune.address={address}: cannot reach a Ray cluster at {host}:{port} ({err.strerror or err}); "
-                       f"{_START_HINT}") from None
+        raise MPQError(f"{key}={address}: cannot reach a Ray cluster at {host}:{port} ({err.strerror or err}); "
+                       f"{_start_hint(key)}") from None
     return target
 
 
@@ -82,23 +85,41 @@ def ray_session(tcfg: Any) -> Iterator[dict[str, Any]]:
 
     Yields what was connected to (`mode`: embedded, cluster or existing; the cluster's resources).
     """
+    with ray_connection(tcfg.address, tcfg.num_cpus, tcfg.num_gpus) as info:
+        yield info
+
+
+def loopback(address: str | None) -> bool:
+    """True for a private Ray (no address) or a cluster whose head is on this machine's loopback."""
+    if not address or address == "local":
+        return True
+    target = _auto_address() if address == "auto" else address
+    return bool(target) and _host_port(target)[0] in ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None,
+                   key: str = "tune.address", env_vars: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Ray in this process (`address` null: a private instance on 127.0.0.1 with `num_cpus` /
+    `num_gpus`, stopped afterwards) or joined to the cluster at `address` (left running), for the
+    duration of the block; `env_vars` go to every Ray worker of this job. Errors name `key`."""
     import ray
 
     if ray.is_initialized():
         yield {"mode": "existing", "resources": ray.cluster_resources()}
         return
-    address = tcfg.address
+    runtime_env = {**WORKER_ENV, **({"env_vars": dict(env_vars)} if env_vars else {})}
     if not address or address == "local":
-        ray.init(address="local", num_cpus=tcfg.num_cpus, num_gpus=tcfg.num_gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, runtime_env=WORKER_ENV)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, runtime_env=runtime_env)
         mode = "embedded"
     else:
-        target = check_reachable(str(address))
+        target = check_reachable(str(address), key)
         try:
-            ray.init(address=str(address), logging_level=logging.WARNING, runtime_env=WORKER_ENV)
+            ray.init(address=str(address), logging_level=logging.WARNING, runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise MPQError(f"tune.address={address}: cannot join the Ray cluster at {target} ({err}); if it uses token "
-                           f"authentication, set RAY_AUTH_MODE=token (the token is ~/.ray/auth_token); {_START_HINT}") from None
+            raise MPQError(f"{key}={address}: cannot join the Ray cluster at {target} ({err}); if it uses token "
+                           f"authentication, set RAY_AUTH_MODE=token (the token is ~/.ray/auth_token); {_start_hint(key)}") from None
         mode = "cluster"
     try:
         yield {"mode": mode, "resources": ray.cluster_resources()}
