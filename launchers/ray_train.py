@@ -56,12 +56,13 @@ STORAGE_PROBE_S = 60.0
 def ray_cluster(cfg: DictConfig) -> Iterator[dict[str, Any]]:
     """Ray connected as `cfg.launcher` says, for the block (a private Ray is stopped afterwards, a
     cluster is left running)."""
-    from framework.tune.cluster import loopback, ray_connection
+    from framework.tune.cluster import TRAIN_WORKER_ENV, loopback, ray_connection
 
     lcfg = cfg.launcher
     env_vars = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME") or "lo"} if (
         os.environ.get("GLOO_SOCKET_IFNAME") or loopback(lcfg.address)) else {}
-    with ray_connection(lcfg.address, lcfg.num_cpus, None, key="launcher.address", env_vars=env_vars) as info:
+    with ray_connection(lcfg.address, lcfg.num_cpus, None, key="launcher.address", env_vars=env_vars,
+                        worker_env=TRAIN_WORKER_ENV) as info:
         yield info
 
 

@@ -1,6 +1,7 @@
 """Distributed training: who is which rank, the process group, the DeepSpeed engine, local launches.
 
-- :mod:`framework.dist.ranks`: rank and world size from torchrun's or Slurm's variables.
+- :mod:`framework.dist.ranks`: rank and world size from Ray Train's context (`launcher=ray`),
+  torchrun's or Slurm's variables.
 - :mod:`framework.dist.process_group`: the process group (gloo on the CPU, NCCL on CUDA) and the
   few collectives the training loop needs.
 - :mod:`framework.dist.engine`: the DeepSpeed engine (ZeRO stage, micro-batch, accumulation,

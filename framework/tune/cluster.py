@@ -29,6 +29,24 @@ PROBE_TIMEOUT_S = 5.0
 #: Ray workers import the search when they start, while the driver is still setting Tune up, so the
 #: first trials do not pay for importing torch and the framework after they were scheduled (~3 s)
 WORKER_ENV = {"worker_process_setup_hook": "framework.tune.trial.prepare_worker"}
+#: the set-up hook of the Ray workers of `launcher=ray`: no prefetched search (every Ray Train
+#: process, the controller's included, would pay ~5 s of CPU importing it)
+TRAIN_WORKER_ENV = {"worker_process_setup_hook": "framework.tune.cluster.quiet_ray_train_logs"}
+
+#: Ray Train's loggers that repeat, every second or once with a traceback, that the state API or the
+#: autoscaler is missing: neither exists on a cluster started without Ray's dashboard (`ray[tune]`
+#: installs none), and Ray Train runs without them
+_QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                      "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
+
+
+def quiet_ray_train_logs() -> None:
+    """Ray's worker set-up hook: drop all but critical records of :data:`_QUIET_RAY_LOGGERS` (a
+    filter, not a level: Ray Train's logging set-up resets the levels of its loggers)."""
+    for name in _QUIET_RAY_LOGGERS:
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.CRITICAL)
+
+
 def _start_hint(key: str) -> str:
     return (f"start one (`ray start --head --node-ip-address=<ip> --port=6379`, or slurm/ray_sweep.sbatch) or drop {key} "
             f"to run Ray in this process")
@@ -99,16 +117,18 @@ def loopback(address: str | None) -> bool:
 
 @contextlib.contextmanager
 def ray_connection(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None,
-                   key: str = "tune.address", env_vars: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+                   key: str = "tune.address", env_vars: dict[str, str] | None = None,
+                   worker_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Ray in this process (`address` null: a private instance on 127.0.0.1 with `num_cpus` /
     `num_gpus`, stopped afterwards) or joined to the cluster at `address` (left running), for the
-    duration of the block; `env_vars` go to every Ray worker of this job. Errors name `key`."""
+    duration of the block; `env_vars` go to every Ray worker of this job, whose set-up hook is
+    `worker_env`'s (default: the sweep's, :data:`WORKER_ENV`). Errors name `key`."""
     import ray
 
     if ray.is_initialized():
         yield {"mode": "existing", "resources": ray.cluster_resources()}
         return
-    runtime_env = {**WORKER_ENV, **({"env_vars": dict(env_vars)} if env_vars else {})}
+    runtime_env = {**(worker_env or WORKER_ENV), **({"env_vars": dict(env_vars)} if env_vars else {})}
     if not address or address == "local":
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING, runtime_env=runtime_env)

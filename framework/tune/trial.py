@@ -162,18 +162,10 @@ def _trial_log(path: Path) -> Iterator[None]:
         handle.close()
 
 
-#: Ray Train's loggers that repeat, every second or once with a traceback, that the state API or the
-#: autoscaler is missing: neither exists on a cluster started without Ray's dashboard (`ray[tune]`
-#: installs none), and Ray Train runs without them
-_QUIET_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-                      "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
-
-
 def prepare_worker() -> None:
-    """Ray's worker set-up hook: quiet Ray Train's reports of the missing dashboard, and import
-    the search while the worker waits for its first trial."""
-    import logging
+    """Ray's worker set-up hook for sweeps: quiet Ray Train's reports of the missing dashboard, and
+    import the search while the worker waits for its first trial."""
+    from framework.tune.cluster import quiet_ray_train_logs
 
-    for name in _QUIET_RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_ray_train_logs()
     import framework.search.loop  # noqa: F401

@@ -3,7 +3,8 @@
 The cluster: a head and a second node (`ray start --address`), one CPU each, started inside the
 test's namespace. The second node runs in its own mount namespace where one folder of the test's
 temporary directory is hidden behind an empty tmpfs, so it stands for a node that does not see a
-run directory outside the shared storage.
+run directory outside the shared storage. The default suite runs the equality and the storage
+check; the restart, the stop-and-resume and the pipeline are marked slow (`make test-all`).
 """
 
 from __future__ import annotations
@@ -142,22 +143,39 @@ def test_finetune_on_two_ray_nodes_equals_the_local_launcher(tmp_path, ray_clust
     socket.create_connection(("127.0.0.1", ray_cluster["port"]), timeout=2).close()
 
 
-def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_weights(tmp_path, ray_cluster,
-                                                                                      init_checkpoint):
-    """SIGKILL to rank 1 after the step-4 checkpoint: Ray Train starts the worker group again, which
-    resumes from checkpoints/last and ends with the weights of a run nobody stopped."""
-    reference, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    base = [*FINETUNE, "finetune.max_steps=30", "dist.zero_stage=1", f"init_checkpoint={init_checkpoint}"]
-    done = run_mpq(*base, "dist.nproc=2", f"hydra.run.dir={reference}")
+def _thirty_steps(init_checkpoint: str) -> list[str]:
+    """ZeRO 1 on 2 processes for 30 steps: long enough to stop it after its step-4 checkpoint."""
+    return [*FINETUNE, "finetune.max_steps=30", "dist.zero_stage=1", f"init_checkpoint={init_checkpoint}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, init_checkpoint) -> Path:
+    """The 30-step run, on 2 local processes, that the stopped runs must end equal to."""
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    done = run_mpq(*_thirty_steps(init_checkpoint), "dist.nproc=2", f"hydra.run.dir={reference}")
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen([MPQ, *base, *RAY, f"launcher.address={ray_cluster['address']}", "checkpoint_every=4",
-                             f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=ray_cluster["env"],
+    return reference
+
+
+def _start_on_ray_and_wait_for_step_4(cluster, init_checkpoint: str, run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([MPQ, *_thirty_steps(init_checkpoint), *RAY, f"launcher.address={cluster['address']}",
+                             "checkpoint_every=4", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=cluster["env"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while checkpoint_step(run_dir) < 4:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline, "no checkpoint at step 4"
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow  # minutes: make test-all runs it
+def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_weights(tmp_path, ray_cluster,
+                                                                                      init_checkpoint, uninterrupted):
+    """SIGKILL to rank 1 after the step-4 checkpoint: Ray Train starts the worker group again, which
+    resumes from checkpoints/last and ends with the weights of a run nobody stopped."""
+    run_dir = tmp_path / "killed"
+    proc = _start_on_ray_and_wait_for_step_4(ray_cluster, init_checkpoint, run_dir)
     first = [json.loads(line) for line in (run_dir / "ray" / "workers.jsonl").read_text().splitlines()][-1]
     (rank1,) = [w["pid"] for w in first["workers"] if w["rank"] == 1]
     os.kill(rank1, signal.SIGKILL)
@@ -168,7 +186,27 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_w
     assert result["ray"]["restarts"] == 1 and rank1 not in {w["pid"] for w in result["ray"]["workers"]}
     assert 4 <= result["resume"]["step"] < 30 and result["resume"]["from"] == str(run_dir / "checkpoints" / "last")
     assert f"resuming at step {result['resume']['step']}" in (run_dir / "finetune.log").read_text()
-    _assert_equal_weights(run_dir, reference)
+    _assert_equal_weights(run_dir, uninterrupted)
+
+
+@pytest.mark.slow  # minutes: make test-all runs it
+def test_sigterm_to_the_driver_checkpoints_and_resume_true_continues(tmp_path, ray_cluster, init_checkpoint,
+                                                                      uninterrupted):
+    """A stopped job: the workers save checkpoints/last and stop, the run ends `interrupted` (143),
+    and `resume=true` in the same run directory ends with the uninterrupted weights."""
+    run_dir = tmp_path / "stopped"
+    proc = _start_on_ray_and_wait_for_step_4(ray_cluster, init_checkpoint, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = read_json(run_dir / "result.json")
+    assert stopped["status"] == "interrupted" and 4 <= stopped["step"] < 30, stderr[-3000:]
+    assert "resume=true" in stopped["error"] and "Traceback" not in stderr
+    done = _run(ray_cluster, *_thirty_steps(init_checkpoint), *RAY, f"hydra.run.dir={run_dir}", "resume=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read_json(run_dir / "result.json")
+    assert result["status"] == "ok" and result["metrics"]["steps"] == 30 and result["resume"]["step"] == stopped["step"]
+    _assert_equal_weights(run_dir, uninterrupted)
 
 
 def test_a_run_directory_a_node_cannot_see_is_one_clear_error(ray_cluster, init_checkpoint):
@@ -183,6 +221,7 @@ def test_a_run_directory_a_node_cannot_see_is_one_clear_error(ray_cluster, init_
     assert read_json(run_dir / "result.json")["status"] == "error"
 
 
+@pytest.mark.slow  # minutes: make test-all runs it
 def test_the_pipeline_sweeps_and_finetunes_on_the_cluster_and_leaves_it_running(tmp_path, ray_cluster):
     run_dir = tmp_path / "pipeline"
     done = _run(ray_cluster, "pipeline", "experiment=smoke", "launcher=ray", "pipeline.sweep=true", "pipeline.export=false",
