@@ -132,7 +132,7 @@ def _check_resources(cfg: DictConfig, workers: int) -> None:
     lcfg = cfg.launcher
     total = ray.cluster_resources()
     cpus, gpus = float(lcfg.cpus_per_worker) * workers, float(lcfg.gpus_per_worker) * workers
-    if cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0) + 1e-9 * (gpus == 0):
+    if cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
         raise MPQError(f"launcher=ray: {workers} workers need {cpus:g} CPUs and {gpus:g} GPUs, but the cluster has "
                        f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; lower dist.nproc or "
                        f"launcher.cpus_per_worker, or add nodes")

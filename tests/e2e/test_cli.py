@@ -69,9 +69,9 @@ def test_invalid_value(tmp_path):
     assert_one_error_line(proc, "pretrain", "train.epochs=0", run_dir=tmp_path)
 
 
-def test_launcher_ray_is_not_offered():
-    proc = run_mpq("pretrain", "launcher=ray")
-    assert_one_error_line(proc, "pretrain", "unknown launcher 'ray'", "local, slurm")
+def test_an_unknown_launcher_lists_the_launchers_there_are():
+    proc = run_mpq("pretrain", "launcher=kubernetes")
+    assert_one_error_line(proc, "pretrain", "unknown launcher 'kubernetes'", "local, ray, slurm")
 
 
 def test_unknown_stage():

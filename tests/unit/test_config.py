@@ -108,7 +108,7 @@ def test_contract_names_exist_in_the_default_config():
     # tracking, launcher, dist
     ("tracking.enabled=yes", "tracking.enabled='yes' is invalid: expected true or false"),
     ("tracking.tags=sweep", "tracking.tags='sweep' is invalid: expected a list of strings"),
-    ("launcher.name=ray", "launcher.name='ray' is invalid: choose one of local, slurm"),
+    ("launcher.name=k8s", "launcher.name='k8s' is invalid: choose one of local, slurm, ray"),
     ("dist.zero_stage=4", "dist.zero_stage=4 is invalid: choose one of 0, 1, 2, 3"),
     ("dist.precision=fp8", "dist.precision='fp8' is invalid: choose one of auto, fp32, bf16, fp16"),
     ("dist.backend=mpi", "dist.backend='mpi' is invalid: choose one of auto, gloo, nccl"),
@@ -123,6 +123,17 @@ def test_a_bad_value_is_one_line_naming_the_full_key(override, message):
         validate_config(compose_config("pretrain", [override]))
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_launcher_ray_keys_are_checked_under_their_own_schema():
+    validate_config(compose_config("finetune", ["launcher=ray", "dist.nproc=2", "launcher.workers_per_node=1"]))
+    validate_config(compose_config("pipeline", ["launcher=ray", "dist.nproc=2"]))  # the pipeline's training stages
+    with pytest.raises(MPQError, match=r"^launcher\.placement_strategy='RANDOM' is invalid: choose one of PACK, SPREAD"):
+        validate_config(compose_config("finetune", ["launcher=ray", "launcher.placement_strategy=RANDOM"]))
+    with pytest.raises(MPQError, match=r"^launcher\.max_failures=-1 is invalid"):
+        validate_config(compose_config("finetune", ["launcher=ray", "launcher.max_failures=-1"]))
+    with pytest.raises(MPQError, match=r"dist\.nproc=2 applies to pretrain and finetune"):
+        validate_config(compose_config("pipeline", ["dist.nproc=2"]))  # the local launcher's pipeline is one process
 
 
 def test_launcher_slurm_keys_are_checked_under_their_own_schema():
