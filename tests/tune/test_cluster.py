@@ -87,3 +87,26 @@ def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tm
     assert "Ray cluster up: 2 CPUs" in log
     result = read_json(tmp_path / "sweep" / "result.json")
     assert result["status"] == "ok" and result["metrics"]["finished"] == 2 and result["ray"]["mode"] == "cluster"
+
+
+def test_the_sbatch_template_runs_the_whole_pipeline_on_the_ray_cluster_it_starts(request, tmp_path):
+    """MPQ_STAGE=pipeline: the sweep through Ray Tune and each stage through Ray Train, on the
+    allocation's Ray cluster (`launcher=ray launcher.address=auto`)."""
+    cluster_env = request.getfixturevalue("slurm_cluster")
+    ray_tmp = tempfile.mkdtemp(prefix="rayp", dir="/tmp")
+    env = {**os.environ, **cluster_env, "MPQ_PYTHON": sys.executable, "MPQ_RUN_DIR": str(tmp_path / "pipeline"),
+           "MPQ_RAY_PORT": str(free_port()), "MPQ_RAY_TMP": ray_tmp, "MPQ_STAGE": "pipeline"}
+    overrides = ["experiment=smoke", "pipeline.export=false", "pipeline.baseline=false", "search.quant.fused=false",
+                 "tune.cpus_per_trial=1", *CLUSTER_SWEEP]
+    done = subprocess.run(["sbatch", "--wait", "--time=20", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
+                           "slurm/ray_sweep.sbatch", *overrides],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert done.returncode == 0, done.stderr + log[-4000:]
+    assert "mpq pipeline: Ray head" in log and "Ray cluster up: 2 CPUs" in log
+    result = read_json(tmp_path / "pipeline" / "result.json")
+    assert result["status"] == "ok" and [s["stage"] for s in result["stages"]] == ["pretrain", "sweep", "finetune", "evaluate"]
+    assert read_json(tmp_path / "pipeline" / "sweep" / "result.json")["metrics"]["finished"] == 2
+    for stage in ("pretrain", "finetune", "evaluate"):
+        assert read_json(tmp_path / "pipeline" / stage / "result.json")["ray"]["mode"] == "cluster", stage
