@@ -71,6 +71,17 @@ def write_result(run_dir: str | Path, result: Result, cfg: DictConfig | dict | N
     return path
 
 
+def write_stopped_result(run_dir: str | Path, stage: str, status: str, message: str, cfg: DictConfig | dict | None,
+                         rank: int = 0, **extra: Any) -> None:
+    """How a process records a run that ended in an error or an interruption: rank 0 writes
+    `result.json` with `status` and `error: message` (plus `extra`); another rank leaves its message
+    in `rank<r>.error`, since one result.json speaks for the run."""
+    if rank == 0:
+        write_result(run_dir, Result(stage, status=status, extra={"error": message, **extra}), cfg)
+    else:
+        (Path(run_dir) / f"rank{rank}.error").write_text(message + "\n")
+
+
 def read_result(run_dir: str | Path) -> dict[str, Any]:
     """Read `run_dir/result.json`."""
     return json.loads((Path(run_dir) / "result.json").read_text())

@@ -186,7 +186,7 @@ def _task(cfg) -> None:
     from framework.config import validate_config
     from framework.dist.ranks import current_ranks
     from framework.errors import MPQError
-    from framework.results import Result, write_result
+    from framework.results import write_stopped_result
     from framework.train.resume import Interrupted
 
     stage = str(cfg.stage)
@@ -196,11 +196,9 @@ def _task(cfg) -> None:
         cfg.run_dir = str(run_dir)
 
     def fail(status: str, message: str, code: int, **extra) -> None:
-        if ranks.is_main:
-            write_result(run_dir, Result(stage, status=status, extra={"error": message, **extra}), cfg)
+        write_stopped_result(run_dir, stage, status, message, cfg, ranks.rank, **extra)
+        if ranks.is_main:  # one line on the terminal: rank 0's; the others leave theirs in the run directory
             print(f"mpq {stage}: {'error: ' if status == 'error' else ''}{message}", file=sys.stderr)
-        else:  # one line on the terminal: rank 0's; the others leave theirs in the run directory
-            (run_dir / f"rank{ranks.rank}.error").write_text(message + "\n")
         sys.exit(code)
 
     if not ranks.is_main:

@@ -45,8 +45,6 @@ from framework.results import Result, read_result
 
 log = logging.getLogger(__name__)
 
-#: the stages whose workers are `dist.nproc` processes; the others run on one Ray Train worker
-TRAINING_STAGES = ("pretrain", "finetune")
 #: what the driver writes to ask the workers to checkpoint and stop
 STOP_FILE = ".mpq-ray-stop"
 STORAGE_PROBE_S = 60.0
@@ -59,8 +57,8 @@ def ray_cluster(cfg: DictConfig) -> Iterator[dict[str, Any]]:
     from framework.tune.cluster import TRAIN_WORKER_ENV, loopback, ray_connection
 
     lcfg = cfg.launcher
-    env_vars = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME") or "lo"} if (
-        os.environ.get("GLOO_SOCKET_IFNAME") or loopback(lcfg.address)) else {}
+    interface = os.environ.get("GLOO_SOCKET_IFNAME") or ("lo" if loopback(lcfg.address) else None)
+    env_vars = {"GLOO_SOCKET_IFNAME": interface} if interface else {}
     with ray_connection(lcfg.address, lcfg.num_cpus, None, key="launcher.address", env_vars=env_vars,
                         worker_env=TRAIN_WORKER_ENV) as info:
         yield info
@@ -95,14 +93,14 @@ def check_shared_storage(run_dir: Path) -> None:
         return None
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-               .remote(str(probe_dir), token, n["NodeID"][:12]): i for i, n in enumerate(nodes)}
+    probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+              .remote(str(probe_dir), token, n["NodeID"][:12]) for n in nodes]
     try:
-        answers = [(nodes[i], problem) for i, problem in zip(pending.values(), ray.get(list(pending), timeout=STORAGE_PROBE_S), strict=True)]
+        problems = ray.get(probes, timeout=STORAGE_PROBE_S)
     except ray.exceptions.GetTimeoutError:
         raise MPQError(f"launcher=ray: the nodes did not answer the run directory check within {STORAGE_PROBE_S:.0f} s; "
                        f"is the cluster busy? (launcher.storage_check=false skips the check)") from None
-    for node, problem in answers:
+    for node, problem in zip(nodes, problems, strict=True):
         if problem:
             raise MPQError(f"launcher=ray: the Ray node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) {problem}: the run "
                            f"directory must be on storage every node of the cluster sees; set hydra.run.dir to a shared "
@@ -113,7 +111,10 @@ def check_shared_storage(run_dir: Path) -> None:
 
 
 def _workers(cfg: DictConfig, stage: str) -> int:
-    return int(cfg.dist.nproc) if stage in TRAINING_STAGES else 1
+    """`dist.nproc` for the stages that train on several processes (the registry's `distributed`), else 1."""
+    from framework.stages import get_stage
+
+    return int(cfg.dist.nproc) if get_stage(stage).distributed else 1
 
 
 def _placement(cfg: DictConfig, workers: int) -> str:
@@ -151,7 +152,7 @@ def train_worker(config: dict[str, Any]) -> None:
     without a restart; a lost peer and any other exception are crashes, which Ray Train restarts.
     """
     from framework.dist.ranks import RAY_TRAIN_MARKER, current_ranks
-    from framework.results import write_result
+    from framework.results import write_stopped_result
     from framework.stages import get_stage
     from framework.stages.training import LostPeer
     from framework.train.resume import STOP_FILE_ENV, Interrupted
@@ -181,20 +182,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
     _record_workers(run_dir, ranks)
 
-    def record(status: str, message: str, **extra: Any) -> None:
-        if ranks.is_main:
-            write_result(run_dir, Result(stage, status=status, extra={"error": message, **extra}), cfg)
-        else:
-            (run_dir / f"rank{ranks.rank}.error").write_text(message + "\n")
-
     try:
         get_stage(stage).function(cfg)
     except Interrupted as err:
-        record("interrupted", str(err), artifacts={"checkpoint": str(err.checkpoint)}, step=err.step)
+        write_stopped_result(run_dir, stage, "interrupted", str(err), cfg, ranks.rank,
+                             artifacts={"checkpoint": str(err.checkpoint)}, step=err.step)
     except LostPeer:
         raise  # Ray Train ends the group and, within launcher.max_failures, starts it again
     except MPQError as err:
-        record("error", str(err), **getattr(err, "details", {}))
+        write_stopped_result(run_dir, stage, "error", str(err), cfg, ranks.rank, **getattr(err, "details", {}))
 
 
 WORKERS_LOG = Path("ray") / "workers.jsonl"
@@ -255,6 +251,7 @@ def run_stage_on_ray(cfg: DictConfig, stage: str, run_dir: Path, mode: str = "cl
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from framework.results import atomic_write_text
+    from framework.stage import sub_config
     from framework.train.resume import Interrupted
 
     lcfg = cfg.launcher
@@ -268,9 +265,7 @@ def run_stage_on_ray(cfg: DictConfig, stage: str, run_dir: Path, mode: str = "cl
     stop_file.unlink(missing_ok=True)
     result_path = run_dir / "result.json"
     result_path.unlink(missing_ok=True)  # what is there afterwards is this launch's
-    with open_dict(cfg):
-        sub = cfg.copy()
-        sub.run_dir = str(run_dir)
+    sub = sub_config(cfg, run_dir)
     launched_at = time.time() - 1
     resources = {"CPU": float(lcfg.cpus_per_worker)}
     if float(lcfg.gpus_per_worker) > 0:

@@ -29,8 +29,6 @@ class SlurmLauncher(Schema):
     max_wait_min: number(0, strict=True) | None
 
 
-
-
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
