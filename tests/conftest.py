@@ -145,13 +145,51 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
+def trained_parameters(run_dir: Path) -> dict:
+    """The floating-point tensors of `run_dir/checkpoints/last` but the batch-norm running statistics,
+    which DeepSpeed leaves to each rank (rank 0's are saved)."""
+    return {k: v for k, v in checkpoint_weights(run_dir).items() if v.is_floating_point() and "running_" not in k}
+
+
+def assert_close_parameters(a: Path, b: Path, atol: float = 1e-6) -> None:
+    """The trained parameters of the runs in `a` and `b` agree within `atol` (the distributed tests' tolerance)."""
+    import torch
+
+    wa, wb = trained_parameters(a), trained_parameters(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+def end_process_group(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL, to the process group `proc` leads (started with start_new_session):
+    both are sent, so members that outlive the leader end too."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def port_answers(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:`port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate: Callable[[], object], proc: subprocess.Popen | None = None, timeout: float = 120.0,
              what: str = "the run") -> None:
     """Poll `predicate` until it holds; fail if `proc` ends first (with its stderr) or on timeout."""
     deadline = time.time() + timeout
     while not predicate():
         if proc is not None:
-            assert proc.poll() is None, f"{what} ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
+            assert proc.poll() is None, f"{what} ended while it was awaited: {proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
 

@@ -15,24 +15,18 @@ import pytest
 import torch
 
 from framework.paths import REPO_ROOT
-from tests.conftest import MPQ, checkpoint_step, read_json, run_mpq
+from tests.conftest import (
+    MPQ,
+    assert_close_parameters,
+    checkpoint_step,
+    read_json,
+    run_mpq,
+    trained_parameters,
+)
 
 STEPS = 4
 FINETUNE = ["finetune", "policy=uniform:4/4", "data.fraction=0.05", "data.augment=false", "data.test_fraction=0.05",
             f"finetune.max_steps={STEPS}", "finetune.batch_size=64", "tracking.enabled=false", "threads=1"]
-
-
-def _parameters(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / "last" / "model.pt", weights_only=True)
-    # running batch-norm statistics are each rank's own (DeepSpeed does not average buffers)
-    return {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
-
-
-def _assert_equal_weights(a: Path, b: Path) -> None:
-    wa, wb = _parameters(a), _parameters(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
 
 
 def _finetune(run_dir: Path, init: str, *extra: str):
@@ -61,10 +55,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path, in
     assert result["world_size"] == 2
     assert result["distributed"] == {"world_size": 2, "micro_batch": 32, "gradient_accumulation": 1, "global_batch": 64,
                                      "zero_stage": zero_stage, "engine": "deepspeed"}
-    _assert_equal_weights(tmp_path, one_process)
+    assert_close_parameters(tmp_path, one_process)
     # the comparison can fail: training moved the weights far beyond the tolerance
     start = torch.load(Path(init_checkpoint) / "model.pt", weights_only=True)
-    moved = max((w - start[k]).abs().max().item() for k, w in _parameters(tmp_path).items() if k in start)
+    moved = max((w - start[k]).abs().max().item() for k, w in trained_parameters(tmp_path).items() if k in start)
     assert moved > 1e-3
     # rank 0 alone wrote the result; every rank wrote its part of the engine's checkpoint
     engine_files = {p.name for p in (tmp_path / "checkpoints" / "last" / "deepspeed").iterdir()}
@@ -79,7 +73,7 @@ def test_asga_two_processes_equal_one_process(tmp_path_factory, init_checkpoint)
     sharp = ["finetune.sharpness.name=asga", "finetune.sharpness.rho=0.1"]
     _finetune(one, init_checkpoint, "dist.gradient_accumulation=2", *sharp)
     _finetune(two, init_checkpoint, "dist.nproc=2", "dist.zero_stage=2", *sharp)
-    _assert_equal_weights(one, two)
+    assert_close_parameters(one, two)
     radius = [torch.load(d / "checkpoints" / "last" / "training.pt", weights_only=True)["two_pass"]["rule"]["rho"]
               for d in (one, two)]
     assert radius[0] == radius[1] != 0.1  # the same adaptive radius, and it did adapt
@@ -131,7 +125,7 @@ def _resume_to_the_uninterrupted_weights(args: list[str], run_dir: Path, step: i
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {step}" in (run_dir / "finetune.log").read_text()
     assert read_json(run_dir / "result.json")["metrics"]["steps"] == 30
-    _assert_equal_weights(run_dir, uninterrupted)
+    assert_close_parameters(run_dir, uninterrupted)
 
 
 def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tmp_path, init_checkpoint, uninterrupted):

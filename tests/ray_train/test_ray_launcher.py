@@ -17,32 +17,29 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from framework.paths import REPO_ROOT
-from tests.conftest import MPQ, checkpoint_step, free_port, read_json, run_mpq
+from tests.conftest import (
+    MPQ,
+    assert_close_parameters,
+    checkpoint_step,
+    end_process_group,
+    free_port,
+    port_answers,
+    read_json,
+    run_mpq,
+    trained_parameters,
+    wait_for,
+)
 
 STEPS = 4
 FINETUNE = ["finetune", "policy=uniform:4/4", "data.fraction=0.05", "data.augment=false", "data.test_fraction=0.05",
             "finetune.batch_size=64", "tracking.enabled=false", "threads=1"]
 RAY = ["launcher=ray", "launcher.workers_per_node=1", "dist.nproc=2"]
-
-
-def _parameters(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / "last" / "model.pt", weights_only=True)
-    return {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
-
-
-def _assert_equal_weights(a: Path, b: Path) -> None:
-    """Equal within the distributed tests' tolerance, and training did move them."""
-    wa, wb = _parameters(a), _parameters(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
 
 
 def _start_node(args: list[str], env: dict[str, str], hide: Path | None = None) -> subprocess.Popen:
@@ -53,17 +50,6 @@ def _start_node(args: list[str], env: dict[str, str], hide: Path | None = None) 
                    f'mount -t tmpfs mpq-hidden "{hide}" && exec "$@"', "node", *command]
     return subprocess.Popen(command, start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in reversed(procs):
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-            break
 
 
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
@@ -90,24 +76,13 @@ def ray_cluster(tmp_path_factory):
     procs = [_start_node(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"], env)]
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert procs[0].poll() is None, procs[0].stderr.read()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up"
-                time.sleep(0.2)
+        wait_for(lambda: port_answers(port), procs[0], timeout=90, what="the Ray head")
         procs.append(_start_node([f"--address={address}"], env, hide=hidden))
-        deadline = time.time() + 90
-        while _alive_nodes(address, env) < 2:
-            assert procs[1].poll() is None, procs[1].stderr.read()[-2000:]
-            assert time.time() < deadline, "the second Ray node did not join"
-            time.sleep(1)
+        wait_for(lambda: _alive_nodes(address, env) >= 2, procs[1], timeout=90, what="the second Ray node")
         yield {"address": address, "env": env, "hidden": hidden, "port": port}
     finally:
-        _stop(procs)
+        for proc in reversed(procs):
+            end_process_group(proc, term_wait=20)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -136,9 +111,9 @@ def test_finetune_on_two_ray_nodes_equals_the_local_launcher(tmp_path, ray_clust
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert len({w["node_id"] for w in workers}) == 2, workers  # one worker on each node
     assert result["ray"]["mode"] == "cluster" and result["ray"]["restarts"] == 0
-    _assert_equal_weights(local, on_ray)
+    assert_close_parameters(local, on_ray)
     start = torch.load(Path(init_checkpoint) / "model.pt", weights_only=True)
-    assert max((w - start[k]).abs().max().item() for k, w in _parameters(on_ray).items() if k in start) > 1e-3
+    assert max((w - start[k]).abs().max().item() for k, w in trained_parameters(on_ray).items() if k in start) > 1e-3
     assert "finetune resnet8" in (on_ray / "finetune.log").read_text()  # rank 0's log in the run directory
     # the cluster is left running
     socket.create_connection(("127.0.0.1", ray_cluster["port"]), timeout=2).close()
@@ -162,11 +137,7 @@ def _start_on_ray_and_wait_for_step_4(cluster, init_checkpoint: str, run_dir: Pa
     proc = subprocess.Popen([MPQ, *_thirty_steps(init_checkpoint), *RAY, f"launcher.address={cluster['address']}",
                              "checkpoint_every=4", f"hydra.run.dir={run_dir}"], cwd=REPO_ROOT, env=cluster["env"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while checkpoint_step(run_dir) < 4:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint at step 4"
-        time.sleep(0.05)
+    wait_for(lambda: checkpoint_step(run_dir) >= 4, proc, timeout=300, what="the step-4 checkpoint of the run on Ray")
     return proc
 
 
@@ -187,7 +158,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_w
     assert result["ray"]["restarts"] == 1 and rank1 not in {w["pid"] for w in result["ray"]["workers"]}
     assert 4 <= result["resume"]["step"] < 30 and result["resume"]["from"] == str(run_dir / "checkpoints" / "last")
     assert f"resuming at step {result['resume']['step']}" in (run_dir / "finetune.log").read_text()
-    _assert_equal_weights(run_dir, uninterrupted)
+    assert_close_parameters(run_dir, uninterrupted)
 
 
 @pytest.mark.slow  # minutes: make test-all runs it
@@ -207,7 +178,7 @@ def test_sigterm_to_the_driver_checkpoints_and_resume_true_continues(tmp_path, r
     assert done.returncode == 0, done.stderr[-3000:]
     result = read_json(run_dir / "result.json")
     assert result["status"] == "ok" and result["metrics"]["steps"] == 30 and result["resume"]["step"] == stopped["step"]
-    _assert_equal_weights(run_dir, uninterrupted)
+    assert_close_parameters(run_dir, uninterrupted)
 
 
 def test_a_run_directory_a_node_cannot_see_is_one_clear_error(ray_cluster, init_checkpoint):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from framework.paths import REPO_ROOT
-from tests.conftest import free_port, read_json
+from tests.conftest import end_process_group, free_port, port_answers, read_json, wait_for
 from tests.slurm.conftest import slurm_cluster  # noqa: F401  (the development cluster, as a fixture here too)
 from tests.tune.conftest import TINY_TRIAL
 
@@ -38,23 +36,10 @@ def ray_head():
                              "--disable-usage-stats", f"--temp-dir={temp}"],
                             start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up"
-                time.sleep(0.2)
+        wait_for(lambda: port_answers(port), proc, timeout=60, what="the Ray head")
         yield f"127.0.0.1:{port}"
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
+        end_process_group(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 
