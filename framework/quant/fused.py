@@ -10,8 +10,13 @@ candidate and as many again backward, which dominates a supernet step on a CPU
 the same math as :class:`LearnedRangeActQuantizer`: the tests compare the two. LSQ gets the same
 treatment for fixed-policy layers (one kernel instead of about 13 passes per quantizer).
 
-Compilation happens once per process and per (candidate levels, sign) and is cached on disk by
-torch; where no C++ compiler is available the eager version is used, with a warning.
+Which kernel runs: on a CPU, float32 tensors take the C kernels of :mod:`framework.quant.native`
+(one pass each way; torch.compile's CPU backward of the mixed activation takes 2-4x as long as
+theirs, and each compiled call pays for guards and wrappers); anything else (CUDA, other dtypes,
+no C compiler) takes the torch.compile version, compiled once per process and per (candidate
+levels, sign) and cached on disk by torch; where that cannot compile either, the eager version,
+with a warning. `fused_mixed_learned_range` and `fused_lsq` choose; `compiled_mixed_learned_range`
+and `compiled_lsq` are the torch.compile versions alone (the GPU path).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 
 import torch
 
+from framework.quant import native
 from framework.quant.rounding import round_ste
 
 log = logging.getLogger(__name__)
@@ -82,5 +88,32 @@ class _Compiled:
         return self.fn(*args)
 
 
-fused_mixed_learned_range = _Compiled(mixed_learned_range)
-fused_lsq = _Compiled(lsq_fake_quant)
+compiled_mixed_learned_range = _Compiled(mixed_learned_range)
+compiled_lsq = _Compiled(lsq_fake_quant)
+#: on the CPU without the C kernels, tensors smaller than this take the quantizer's autograd function
+#: instead of a compiled call: its guard check and wrapper (~0.3 ms) cost more than a few thousand
+#: elements save (benchmarks/quant_overhead.py: a 16x16x3x3 weight 0.17 ms eager, 0.55 ms compiled)
+COMPILED_MIN_ELEMENTS = 1 << 16
+
+
+def fused_mixed_learned_range(
+    x: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor, levels: tuple[int, ...], signed: bool
+) -> torch.Tensor:
+    """:func:`mixed_learned_range` by the fastest kernel that takes `x` (module docstring)."""
+    if native.usable(x):
+        return native.mixed_learned_range(x, probs, ranges, levels, signed)
+    return compiled_mixed_learned_range(x, probs, ranges, levels, signed)
+
+
+def takes_lsq(x: torch.Tensor) -> bool:
+    """Whether :func:`fused_lsq` is faster for `x` than LSQ's autograd function (quantizers.py)."""
+    return native.usable(x) or x.is_cuda or x.numel() >= COMPILED_MIN_ELEMENTS
+
+
+def fused_lsq(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float, grad_scale: float) -> torch.Tensor:
+    """:func:`lsq_fake_quant` by the fastest kernel that takes `x`; `step` already broadcasts
+    against `x` (one element, or one per output channel)."""
+    if native.usable(x):
+        return native.lsq(x, step, qn, qp, grad_scale)
+    bounds = x.new_tensor([qn, qp, grad_scale])  # tensors: one compiled kernel serves every bit-width
+    return compiled_lsq(x, step, bounds[0], bounds[1], bounds[2])

@@ -134,7 +134,10 @@ class _SearchMixin:
         init_range = float(qcfg.act_init_range)
         self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
         self.gumbel_tau = qcfg.gumbel_tau
-        self.fused = bool(qcfg.fused) and all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
+        # fused kernels (quant.fused, quant.native): the mixed activation's with learned-range candidates,
+        # the mixed weight's with min-max ones
+        self.fused = bool(qcfg.fused)
+        self.fusable_act = all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
         # min-max weight candidates have no state: their mix is one op (quantizers.mixed_minmax_weight)
         self.one_op_weight_mix = all(isinstance(q, MinMaxWeightQuantizer) for q in self.weight_quants)
         self.macs = 0.0
@@ -170,7 +173,7 @@ class _SearchMixin:
 
     def mixed_input_and_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pw, pa = self._mixing_weights()
-        signed = self._fusable_sign() if self.fused else None
+        signed = self._fusable_sign() if self.fused and self.fusable_act else None
         if signed is not None:
             levels = tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in self.act_quants)
             ranges = torch.stack([q.range for q in self.act_quants]).abs() + 1e-8
@@ -178,7 +181,7 @@ class _SearchMixin:
         else:
             x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
         if self.one_op_weight_mix:
-            w_mix = mixed_minmax_weight(self.weight, pw, self.w_candidates)  # type: ignore[attr-defined]
+            w_mix = mixed_minmax_weight(self.weight, pw, self.w_candidates, self.fused)  # type: ignore[attr-defined]
         else:
             w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
         return x_mix, w_mix

@@ -32,10 +32,6 @@ from framework.quant.rounding import round_ste
 
 FULL_PRECISION = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FULL_PRECISION)
-#: on the CPU, tensors smaller than this (most weights) take the autograd function even when `fused`:
-#: a compiled call costs a guard check and a wrapper (~0.3 ms) that a few thousand elements do not
-#: repay (benchmarks/quant_overhead.py: a 16x16x3x3 weight 0.17 ms eager against 0.55 ms compiled)
-FUSED_MIN_ELEMENTS = 1 << 16
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -140,11 +136,11 @@ class LSQQuantizer(nn.Module):
         qn, qp = int_range(self.bits, bool(self._signed))
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
         grad_scale = 1.0 / math.sqrt(n * qp)
-        if self.fused and (x.is_cuda or x.numel() >= FUSED_MIN_ELEMENTS):
-            from framework.quant.fused import fused_lsq
+        if self.fused:
+            from framework.quant import fused
 
-            bounds = x.new_tensor([qn, qp, grad_scale])
-            return fused_lsq(x, self._view(self.step, x), bounds[0], bounds[1], bounds[2])
+            if fused.takes_lsq(x):  # the C kernel on the CPU, else compiled for large or CUDA tensors
+                return fused.fused_lsq(x, self._view(self.step, x), qn, qp, grad_scale)
         return _LSQFunction.apply(x, self.step, qn, qp, grad_scale, self.per_channel)
 
 
@@ -198,12 +194,18 @@ class _MixedMinMaxFunction(torch.autograd.Function):
         return grad_w, grad_p, None
 
 
-def mixed_minmax_weight(w: torch.Tensor, probs: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
-    """`sum_j probs[j] * MinMaxWeightQuantizer(bits[j])(w)` in one op (32 bits: `w` itself)."""
+def mixed_minmax_weight(w: torch.Tensor, probs: torch.Tensor, bits: tuple[int, ...], fused: bool = False) -> torch.Tensor:
+    """`sum_j probs[j] * MinMaxWeightQuantizer(bits[j])(w)` in one op (32 bits: `w` itself); `fused`
+    takes the C kernel on the CPU (framework.quant.native) where it builds."""
     fp = [j for j, b in enumerate(bits) if b >= FULL_PRECISION]
     low = [j for j, b in enumerate(bits) if b < FULL_PRECISION]
     qps = w.new_tensor([2 ** (bits[j] - 1) - 1 for j in low])
-    out = _MixedMinMaxFunction.apply(w, probs[low] if fp else probs, qps) if low else None
+    low_probs = probs[low] if fp else probs
+    out = None
+    if low:
+        from framework.quant import native
+
+        out = native.mixed_minmax(w, low_probs, qps) if fused and native.usable(w) else _MixedMinMaxFunction.apply(w, low_probs, qps)
     for j in fp:
         out = probs[j] * w if out is None else out + probs[j] * w
     return out

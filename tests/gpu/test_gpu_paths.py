@@ -59,7 +59,7 @@ def _assert_compiled(kernel) -> None:
 
 @pytest.mark.parametrize("per_channel,signed", [(False, True), (True, True), (False, False)])
 def test_fused_lsq_on_cuda_equals_the_eager_function(per_channel, signed):
-    from framework.quant.fused import fused_lsq, lsq_fake_quant
+    from framework.quant.fused import compiled_lsq, fused_lsq, lsq_fake_quant
 
     torch.manual_seed(0)
     x = torch.randn(6, 5, 4, 4, device=CUDA) * 2
@@ -67,15 +67,14 @@ def test_fused_lsq_on_cuda_equals_the_eager_function(per_channel, signed):
         x = x.relu()
     step = (torch.rand(6, 1, 1, 1) * 0.5 + 0.1 if per_channel else torch.tensor([0.37])).to(CUDA)
     qn, qp = (-4.0, 3.0) if signed else (0.0, 7.0)
-    bounds = torch.tensor([qn, qp, 0.05], device=CUDA)
     weights = torch.linspace(-1, 1, x.numel(), device=CUDA).view_as(x)
     results = []
     for fn in (lsq_fake_quant, fused_lsq):
         xi, si = x.clone().requires_grad_(), step.clone().requires_grad_()
-        out = fn(xi, si, bounds[0], bounds[1], bounds[2])
+        out = fn(xi, si, qn, qp, 0.05)
         (out * weights).sum().backward()
         results.append((out.detach(), xi.grad, si.grad))
-    _assert_compiled(fused_lsq)
+    _assert_compiled(compiled_lsq)  # on CUDA, fused_lsq is the compiled kernel
     (eager, gx, gs), (fused, fgx, fgs) = results
     assert fused.is_cuda
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-6)
@@ -106,7 +105,11 @@ def test_fused_lsq_quantizer_on_cuda_equals_the_autograd_function():
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_fused_mixed_activation_on_cuda_equals_the_eager_function_and_the_quantizers(signed):
-    from framework.quant.fused import fused_mixed_learned_range, mixed_learned_range
+    from framework.quant.fused import (
+        compiled_mixed_learned_range,
+        fused_mixed_learned_range,
+        mixed_learned_range,
+    )
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, device=CUDA) * 4
@@ -131,7 +134,7 @@ def test_fused_mixed_activation_on_cuda_equals_the_eager_function_and_the_quanti
         return out.detach(), xi.grad, alpha.grad, [q.range.grad.clone() for q in quantizers]
 
     modules, eager, fused = run(None), run(mixed_learned_range), run(fused_mixed_learned_range)
-    _assert_compiled(fused_mixed_learned_range)
+    _assert_compiled(compiled_mixed_learned_range)  # on CUDA, the fused entry point compiles
     for reference in (eager, modules):
         torch.testing.assert_close(fused[0], reference[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(fused[1], reference[1], rtol=0, atol=1e-5)

@@ -130,10 +130,21 @@ def test_unsupported_bits_are_refused():
         LSQQuantizer(1)
 
 
-def test_fused_lsq_equals_the_autograd_function(monkeypatch):
-    from framework.quant import quantizers
+@pytest.fixture(params=["native", "compiled"])
+def kernel(request, monkeypatch):
+    """Each fused path in turn: the C kernels (framework.quant.native), then torch.compile's alone."""
+    from framework.quant import fused, native
 
-    monkeypatch.setattr(quantizers, "FUSED_MIN_ELEMENTS", 0)  # the compiled kernel even for a small tensor
+    if request.param == "native":
+        if not native.available():
+            pytest.skip("the C kernels do not build here (no C compiler)")
+    else:
+        monkeypatch.setattr(native, "usable", lambda x: False)
+        monkeypatch.setattr(fused, "COMPILED_MIN_ELEMENTS", 0)  # the compiled kernel even for a small tensor
+    return request.param
+
+
+def test_fused_lsq_equals_the_autograd_function(kernel):
     torch.manual_seed(0)
     for per_channel, signed in ((False, True), (True, True), (False, False)):
         x = (torch.randn(6, 5, 4, 4) * 2).requires_grad_()
@@ -153,7 +164,7 @@ def test_fused_lsq_equals_the_autograd_function(monkeypatch):
         assert torch.allclose(gs1, fused.step.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_mixed_activation_equals_the_sum_of_quantizers():
+def test_fused_mixed_activation_equals_the_sum_of_quantizers(kernel):
     from framework.quant.fused import fused_mixed_learned_range
 
     torch.manual_seed(0)
@@ -181,9 +192,10 @@ def test_fused_mixed_activation_equals_the_sum_of_quantizers():
             assert torch.allclose(q.range.grad, g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd-function", "native"])
 @pytest.mark.parametrize("bits", [(2, 3, 4, 6), (4, 8), (3, 32), (8,)])
 @pytest.mark.parametrize("shape", [(8, 3, 3, 3), (10, 7)])
-def test_the_one_op_min_max_weight_mix_equals_the_sum_of_quantizers(bits, shape):
+def test_the_one_op_min_max_weight_mix_equals_the_sum_of_quantizers(bits, shape, fused):
     from framework.quant.quantizers import MinMaxWeightQuantizer, mixed_minmax_weight
 
     torch.manual_seed(len(bits) * 10 + len(shape))
@@ -194,7 +206,7 @@ def test_the_one_op_min_max_weight_mix_equals_the_sum_of_quantizers(bits, shape)
     (ref * upstream).sum().backward()
     ref_gw, ref_ga = w.grad.clone(), alpha.grad.clone()
     w.grad, alpha.grad = None, None
-    out = mixed_minmax_weight(w, alpha.softmax(0), bits)
+    out = mixed_minmax_weight(w, alpha.softmax(0), bits, fused)
     (out * upstream).sum().backward()
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.allclose(w.grad, ref_gw, atol=1e-6)

@@ -1,0 +1,259 @@
+"""CPU kernels of the fake quantizers in C (quant_kernels.c): one pass over the tensor each way.
+
+On a CPU, torch.compile's code for the supernet's mixed activation spends about 4x its forward time
+in the backward (nine reductions, each with a cascade-summation helper), and each compiled call
+pays for dynamo's guards and wrappers (benchmarks/quant_overhead.py --profile). The C kernels do
+the forward in one pass and the backward in one pass per chunk of 2048 elements, all candidates'
+sums kept in L1, parallel over chunks with OpenMP (torch's own runtime, already loaded) and
+vectorised with `#pragma omp simd`.
+
+The library is compiled on first use with the C compiler (`$CC`, else `cc`/`gcc`) at -O3 for the
+machine's own CPU and kept under `$TORCH_EXTENSIONS_DIR/mpq_quant_kernels/<key>/`: the key hashes
+the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared by
+nodes with other CPUs gets one build per kind of CPU, never an illegal instruction. The build is
+written to a temporary file and renamed, so processes starting together (DeepSpeed ranks, Ray
+trials) never load half a file. Without a compiler, `available()` is False and the callers use
+their torch.compile or eager versions (framework/quant/fused.py).
+
+Every kernel takes float32 tensors on the CPU; the autograd functions here make them contiguous and
+are differentiable once (Hessian-vector products switch the fused kernels off:
+:func:`framework.quant.disable_fused_kernels`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
+MAX_CANDIDATES = 16  # MAX_K in quant_kernels.c
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+    return Path(root) / "mpq_quant_kernels"
+
+
+def _build(cc: str) -> Path:
+    """The compiled library for this source, compiler and CPU, built once (atomically)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(), _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / key / "libmpq_quant.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.mixed_range_forward.argtypes = [p, p, i64, p, p, p, i32, i32, i32]
+    lib.mixed_range_backward.argtypes = [p, p, p, i64, p, p, p, i32, i32, p, p, i32]
+    lib.lsq_forward.argtypes = [p, p, i64, i64, p, f32, f32, i32]
+    lib.lsq_backward.argtypes = [p, p, p, i64, i64, p, f32, f32, p, i32]
+    lib.mixed_minmax_forward.argtypes = [p, p, i64, p, p, i32]
+    lib.mixed_minmax_backward.argtypes = [p, p, i64, p, i32, p]
+    for fn in (lib.mixed_range_forward, lib.mixed_range_backward, lib.lsq_forward, lib.lsq_backward,
+               lib.mixed_minmax_forward, lib.mixed_minmax_backward):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first call; None (with one warning) where they cannot be."""
+    global _LIB, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("MPQ_NATIVE_KERNELS", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler (cc, gcc or $CC): the quantizers' CPU kernels use torch.compile or eager ops")
+        return None
+    try:
+        _LIB = _declare(ctypes.CDLL(str(_build(cc))))
+    except (OSError, RuntimeError) as err:
+        log.warning("the quantizers' CPU kernels could not be built (%s); using torch.compile or eager ops", err)
+    return _LIB
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the C kernels can take `x`: float32 on the CPU, and the library builds here."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+_LEVELS: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _levels(levels: tuple[int, ...]) -> torch.Tensor:
+    if levels not in _LEVELS:
+        _LEVELS[levels] = torch.tensor(levels, dtype=torch.float32)
+    return _LEVELS[levels]
+
+
+class _MixedRange(torch.autograd.Function):
+    """sum_i p_i * Q(x; r_i, L_i) in one pass each way (quant_kernels.c gives the gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, probs, ranges, levels: tuple[int, ...], signed: bool):
+        lib = library()
+        x = x.contiguous()
+        p = probs.detach().to(torch.float32).contiguous()
+        r = ranges.detach().to(torch.float32).contiguous()
+        lv = _levels(levels)
+        y = torch.empty_like(x)
+        lib.mixed_range_forward(_ptr(x), _ptr(y), x.numel(), _ptr(p), _ptr(r), _ptr(lv), len(levels), int(signed),
+                                torch.get_num_threads())
+        ctx.save_for_backward(x, p, r)
+        ctx.levels, ctx.signed = levels, signed
+        ctx.dtypes = probs.dtype, ranges.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, p, r = ctx.saved_tensors
+        grad = grad.contiguous().to(torch.float32)
+        k = len(ctx.levels)
+        gx = torch.empty_like(x)
+        gp = torch.empty(k, dtype=torch.float64)
+        gr = torch.empty(k, dtype=torch.float64)
+        library().mixed_range_backward(_ptr(grad), _ptr(x), _ptr(gx), x.numel(), _ptr(p), _ptr(r),
+                                       _ptr(_levels(ctx.levels)), k, int(ctx.signed), _ptr(gp), _ptr(gr),
+                                       torch.get_num_threads())
+        return gx, gp.to(ctx.dtypes[0]), gr.to(ctx.dtypes[1]), None, None
+
+
+def mixed_learned_range(x: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor, levels: tuple[int, ...],
+                        signed: bool) -> torch.Tensor:
+    """The supernet's mixed learned-range activation (framework.quant.fused.mixed_learned_range)."""
+    if len(levels) > MAX_CANDIDATES:
+        raise ValueError(f"at most {MAX_CANDIDATES} candidate bit-widths, got {len(levels)}")
+    return _MixedRange.apply(x, probs, ranges, tuple(int(v) for v in levels), bool(signed))
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ with its step-size gradient scaled by `grad_scale`, per tensor or per outer index."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn: float, qp: float, grad_scale: float):
+        lib = library()
+        x = x.contiguous()
+        s = step.detach().to(torch.float32).contiguous().view(-1)
+        outer = s.numel()
+        y = torch.empty_like(x)
+        lib.lsq_forward(_ptr(x), _ptr(y), outer, x.numel() // outer, _ptr(s), qn, qp, torch.get_num_threads())
+        ctx.save_for_backward(x, s)
+        ctx.bounds, ctx.grad_scale, ctx.step_shape, ctx.step_dtype = (qn, qp), grad_scale, step.shape, step.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        grad = grad.contiguous().to(torch.float32)
+        outer = s.numel()
+        gx = torch.empty_like(x)
+        gs = torch.empty(outer, dtype=torch.float64)
+        library().lsq_backward(_ptr(grad), _ptr(x), _ptr(gx), outer, x.numel() // outer, _ptr(s), *ctx.bounds,
+                               _ptr(gs), torch.get_num_threads())
+        grad_step = (gs * ctx.grad_scale).to(ctx.step_dtype).view(ctx.step_shape)
+        return gx, grad_step, None, None, None
+
+
+def lsq(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float, grad_scale: float) -> torch.Tensor:
+    """`clamp(round(x / s), Qn, Qp) * s`, step-size gradient scaled by `grad_scale` (LSQ). `step` has
+    one element, or one per index of x's first dimension (per output channel)."""
+    if step.numel() not in (1, x.shape[0] if x.dim() else 1):
+        raise ValueError(f"LSQ step of {step.numel()} elements for a tensor of shape {tuple(x.shape)}")
+    return _LSQ.apply(x, step, float(qn), float(qp), float(grad_scale))
+
+
+class _MixedMinMax(torch.autograd.Function):
+    """sum_j p_j * Q_j(W) over min-max candidates (quantizers._MixedMinMaxFunction's math) in one call."""
+
+    @staticmethod
+    def forward(ctx, w, probs, qps):
+        w = w.contiguous()
+        p = probs.detach().to(torch.float32).contiguous()
+        y = torch.empty_like(w)
+        library().mixed_minmax_forward(_ptr(w), _ptr(y), w.numel(), _ptr(p), _ptr(qps), qps.numel())
+        ctx.save_for_backward(w, p, qps)
+        ctx.probs_dtype = probs.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        w, p, qps = ctx.saved_tensors
+        grad_w = grad * p.sum() if ctx.needs_input_grad[0] else None
+        grad_p = None
+        if ctx.needs_input_grad[1]:
+            grad = grad.contiguous().to(torch.float32)
+            gp = torch.empty(qps.numel(), dtype=torch.float64)
+            library().mixed_minmax_backward(_ptr(grad), _ptr(w), w.numel(), _ptr(qps), qps.numel(), _ptr(gp))
+            grad_p = gp.to(ctx.probs_dtype)
+        return grad_w, grad_p, None
+
+
+def mixed_minmax(w: torch.Tensor, probs: torch.Tensor, qps: torch.Tensor) -> torch.Tensor:
+    """`sum_j probs[j] * clamp(round(W / s_j), -qps[j], qps[j]) * s_j`, `s_j = max|W| / qps[j]`
+    (float32 `qps` on the CPU, one per low-bit candidate)."""
+    if qps.numel() > MAX_CANDIDATES:
+        raise ValueError(f"at most {MAX_CANDIDATES} candidate bit-widths, got {qps.numel()}")
+    return _MixedMinMax.apply(w, probs, qps.to(torch.float32).contiguous())

@@ -1,0 +1,261 @@
+/* CPU kernels of the framework's fake quantizers: each forward and each backward is one pass over
+ * the tensor (float32, contiguous), parallel over chunks with OpenMP and vectorised within a chunk.
+ * framework/quant/native/__init__.py builds this file once per machine and calls it through ctypes;
+ * framework/quant/fused.py gives the math, and the tests compare every output and gradient with the
+ * plain torch ops (same rounding: round half to even; same tie rules at the clipping bounds).
+ *
+ * Mixed learned-range activation (EdMIPS/GMPQ supernet, PACT candidates), K candidates:
+ *   y = sum_i p_i * rint(c_i / s_i) * s_i,   c_i = clamp(x, lo_i, r_i),  s_i = r_i / L_i
+ *   lo_i = 0 (unsigned: c_i = min(relu(x), r_i)) or -r_i (signed: c_i = max(min(x, r_i), -r_i))
+ * backward (straight-through rounding):
+ *   dy/dx   = sum_i p_i * dc_i/dx
+ *   dy/dp_i = rint(c_i / s_i) * s_i
+ *   dy/dr_i = p_i * (dc_i/dr_i + (rint(u_i) - u_i) / L_i),   u_i = c_i / s_i
+ * where min/max split the gradient in half at ties, as torch.minimum/maximum do.
+ *
+ * LSQ (Esser et al., ICLR 2020), step s per tensor or per outer index (output channel):
+ *   y = rint(clamp(x / s, Qn, Qp)) * s
+ *   dy/dx = 1[Qn <= x/s <= Qp];  dy/ds = rint(clamp(v, Qn, Qp)) - v * 1[Qn <= v <= Qp],  v = x / s
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define CHUNK 2048
+#define MAX_K 16
+
+static inline int64_t n_chunks(int64_t n) { return (n + CHUNK - 1) / CHUNK; }
+
+#define LANES 16
+
+/* c = clamp(x, lo, r) and its derivatives w.r.t. x and r, with torch's tie rules (minimum/maximum
+ * give each side half the gradient at a tie; relu's gradient at 0 is 0) */
+static inline float clip_value(float x, float r, int sign) {
+    if (sign) {
+        float m = x < r ? x : r;
+        return m > -r ? m : -r;
+    }
+    float rx = x > 0.0f ? x : 0.0f;
+    return rx < r ? rx : r;
+}
+
+static inline float clip_dx(float x, float r, int sign) {
+    if (sign) {
+        float m = x < r ? x : r;
+        float dm_dx = x < r ? 1.0f : (x == r ? 0.5f : 0.0f);
+        float dc_dm = m > -r ? 1.0f : (m == -r ? 0.5f : 0.0f);
+        return dc_dm * dm_dx;
+    }
+    float rx = x > 0.0f ? x : 0.0f;
+    return x > 0.0f ? (rx < r ? 1.0f : (rx == r ? 0.5f : 0.0f)) : 0.0f;
+}
+
+static inline float clip_dr(float x, float r, int sign) {
+    if (sign) {
+        float m = x < r ? x : r;
+        float dm_dr = x > r ? 1.0f : (x == r ? 0.5f : 0.0f);
+        float dc_dm = m > -r ? 1.0f : (m == -r ? 0.5f : 0.0f);
+        float dc_dlo = m < -r ? 1.0f : (m == -r ? 0.5f : 0.0f);
+        return dc_dm * dm_dr - dc_dlo;
+    }
+    float rx = x > 0.0f ? x : 0.0f;
+    return rx > r ? 1.0f : (rx == r ? 0.5f : 0.0f);
+}
+
+static inline void mixed_forward_chunk(const float *restrict x, float *restrict y, int64_t len, const float *p,
+                                       const float *r, const float *s, int k, int sign) {
+    for (int64_t j = 0; j < len; j++) y[j] = 0.0f;
+    for (int i = 0; i < k; i++) {
+        const float ri = r[i], si = s[i], pi = p[i];
+        for (int64_t j = 0; j < len; j++) y[j] += pi * (rintf(clip_value(x[j], ri, sign) / si) * si);
+    }
+}
+
+void mixed_range_forward(const float *x, float *y, int64_t n, const float *p, const float *r,
+                         const float *levels, int k, int sign, int threads) {
+    float s[MAX_K];
+    for (int i = 0; i < k; i++) s[i] = r[i] / levels[i];
+    const int64_t chunks = n_chunks(n);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
+        if (sign)
+            mixed_forward_chunk(x + begin, y + begin, len, p, r, s, k, 1);
+        else
+            mixed_forward_chunk(x + begin, y + begin, len, p, r, s, k, 0);
+    }
+}
+
+/* one chunk of the mixed backward: gx = g * sum_i p_i dc_i/dx, and the chunk's sums per candidate
+ * of g * Q_i (for p_i) and g * dQ_i/dr_i (for r_i), in LANES partial sums each (vector registers) */
+static inline void mixed_backward_chunk(const float *restrict g, const float *restrict x, float *restrict gx,
+                                        int64_t len, const float *p, const float *r, const float *s,
+                                        const float *levels, int k, int sign, double *sum_p, double *sum_r) {
+    for (int64_t j = 0; j < len; j++) gx[j] = 0.0f;
+    for (int i = 0; i < k; i++) {
+        const float ri = r[i], si = s[i], pi = p[i], inv_level = 1.0f / levels[i];
+        float acc_p[LANES] = {0}, acc_r[LANES] = {0};
+        int64_t j = 0;
+        for (; j + LANES <= len; j += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                const float xj = x[j + l], gj = g[j + l];
+                const float u = clip_value(xj, ri, sign) / si, rounded = rintf(u);
+                acc_p[l] += gj * (rounded * si);
+                acc_r[l] += gj * (clip_dr(xj, ri, sign) + (rounded - u) * inv_level);
+                gx[j + l] += pi * clip_dx(xj, ri, sign);
+            }
+        }
+        double tail_p = 0.0, tail_r = 0.0;
+        for (; j < len; j++) {
+            const float xj = x[j], gj = g[j];
+            const float u = clip_value(xj, ri, sign) / si, rounded = rintf(u);
+            tail_p += gj * (rounded * si);
+            tail_r += gj * (clip_dr(xj, ri, sign) + (rounded - u) * inv_level);
+            gx[j] += pi * clip_dx(xj, ri, sign);
+        }
+        for (int l = 0; l < LANES; l++) {
+            tail_p += acc_p[l];
+            tail_r += acc_r[l];
+        }
+        sum_p[i] += tail_p;
+        sum_r[i] += tail_r;
+    }
+    for (int64_t j = 0; j < len; j++) gx[j] *= g[j];
+}
+
+void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, const float *p, const float *r,
+                          const float *levels, int k, int sign, double *grad_p, double *grad_r, int threads) {
+    float s[MAX_K];
+    for (int i = 0; i < k; i++) s[i] = r[i] / levels[i];
+    double sum_p[MAX_K] = {0}, sum_r[MAX_K] = {0};
+    const int64_t chunks = n_chunks(n);
+#pragma omp parallel num_threads(threads)
+    {
+        double local_p[MAX_K] = {0}, local_r[MAX_K] = {0};
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
+            if (sign)
+                mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 1, local_p, local_r);
+            else
+                mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 0, local_p, local_r);
+        }
+#pragma omp critical
+        for (int i = 0; i < k; i++) {
+            sum_p[i] += local_p[i];
+            sum_r[i] += local_r[i];
+        }
+    }
+    for (int i = 0; i < k; i++) {
+        grad_p[i] = sum_p[i];
+        grad_r[i] = (double)p[i] * sum_r[i];
+    }
+}
+
+/* LSQ over `outer` groups of `inner` elements, group o with step[o] (outer = 1: one step) */
+void lsq_forward(const float *x, float *y, int64_t outer, int64_t inner, const float *step, float qn, float qp,
+                 int threads) {
+    const int64_t chunks_per_group = n_chunks(inner), chunks = outer * chunks_per_group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t o = c / chunks_per_group, offset = (c % chunks_per_group) * CHUNK;
+        const int64_t begin = o * inner + offset, end = o * inner + (offset + CHUNK < inner ? offset + CHUNK : inner);
+        const float s = step[o];
+        for (int64_t j = begin; j < end; j++) {
+            float v = x[j] / s;
+            v = v < qn ? qn : (v > qp ? qp : v);
+            y[j] = rintf(v) * s;
+        }
+    }
+}
+
+void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int64_t inner, const float *step,
+                  float qn, float qp, double *grad_step, int threads) {
+    const int64_t chunks_per_group = n_chunks(inner), chunks = outer * chunks_per_group;
+    for (int64_t o = 0; o < outer; o++) grad_step[o] = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t o = c / chunks_per_group, offset = (c % chunks_per_group) * CHUNK;
+        const int64_t begin = o * inner + offset, end = o * inner + (offset + CHUNK < inner ? offset + CHUNK : inner);
+        const float s = step[o];
+        float acc[LANES] = {0};
+        int64_t j = begin;
+        for (; j + LANES <= end; j += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                const float v = x[j + l] / s, gj = g[j + l];
+                const float inside = (v >= qn && v <= qp) ? 1.0f : 0.0f;
+                const float levels = rintf(v < qn ? qn : (v > qp ? qp : v));
+                gx[j + l] = gj * inside;
+                acc[l] += gj * (levels - v * inside);
+            }
+        }
+        double sum = 0.0;
+        for (; j < end; j++) {
+            const float v = x[j] / s, gj = g[j];
+            const float inside = (v >= qn && v <= qp) ? 1.0f : 0.0f;
+            const float levels = rintf(v < qn ? qn : (v > qp ? qp : v));
+            gx[j] = gj * inside;
+            sum += gj * (levels - v * inside);
+        }
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+#pragma omp atomic
+        grad_step[o] += sum;
+    }
+}
+
+/* The supernet's mixed min-max weight over K low-bit candidates (EdMIPS/GMPQ weight quantizer):
+ *   W_mix = sum_j p_j * clamp(rint(W / s_j), -Qp_j, Qp_j) * s_j,   s_j = max(max|W| / Qp_j, 1e-8)
+ * with s_j constant (detached) and straight-through rounding, so dW_mix/dW = sum_j p_j and
+ * dW_mix/dp_j = Q_j(W). Weights are small (a few thousand to a few hundred thousand elements): one
+ * thread, where the cost of a call is what counts. */
+static float minmax_steps(const float *w, int64_t n, const float *qp, int k, float *s) {
+    float top = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float a = fabsf(w[j]);
+        top = a > top ? a : top;
+    }
+    for (int i = 0; i < k; i++) {
+        const float step = top / qp[i];
+        s[i] = step > 1e-8f ? step : 1e-8f;
+    }
+    return top;
+}
+
+void mixed_minmax_forward(const float *w, float *y, int64_t n, const float *p, const float *qp, int k) {
+    float s[MAX_K];
+    minmax_steps(w, n, qp, k, s);
+    for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
+    for (int i = 0; i < k; i++) {
+        const float si = s[i], pi = p[i], hi = qp[i], lo = -qp[i];
+        for (int64_t j = 0; j < n; j++) {
+            float level = rintf(w[j] / si);
+            level = level < lo ? lo : (level > hi ? hi : level);
+            y[j] += pi * (level * si);
+        }
+    }
+}
+
+void mixed_minmax_backward(const float *g, const float *w, int64_t n, const float *qp, int k, double *grad_p) {
+    float s[MAX_K];
+    minmax_steps(w, n, qp, k, s);
+    for (int i = 0; i < k; i++) {
+        const float si = s[i], hi = qp[i], lo = -qp[i];
+        float acc[LANES] = {0};
+        int64_t j = 0;
+        for (; j + LANES <= n; j += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                float level = rintf(w[j + l] / si);
+                level = level < lo ? lo : (level > hi ? hi : level);
+                acc[l] += g[j + l] * (level * si);
+            }
+        }
+        double sum = 0.0;
+        for (; j < n; j++) {
+            float level = rintf(w[j] / si);
+            level = level < lo ? lo : (level > hi ? hi : level);
+            sum += g[j] * (level * si);
+        }
+        for (int l = 0; l < LANES; l++) sum += acc[l];
+        grad_p[i] = sum;
+    }
+}
