@@ -97,6 +97,21 @@ class Perturbation:
         g_p = torch.zeros_like(p) if g_p is None else g_p
         return self.rule.direction(g, g_p)
 
+    def directions(self, firsts: list, seconds: list, params: list) -> list[torch.Tensor | None]:
+        """:meth:`direction` for every parameter, through the rule's multi-tensor :meth:`directions`
+        (hundreds of small tensors in a supernet: one op each instead of one per tensor)."""
+        out: list[torch.Tensor | None] = [None] * len(params)
+        index, gs, gps = [], [], []
+        for i, (g, g_p, p) in enumerate(zip(firsts, seconds, params, strict=True)):
+            if g is None and g_p is None:
+                continue
+            index.append(i)
+            gs.append(torch.zeros_like(p) if g is None else g)
+            gps.append(torch.zeros_like(p) if g_p is None else g_p)
+        for i, d in zip(index, self.rule.directions(gs, gps), strict=True):
+            out[i] = d
+        return out
+
     # -- the pieces of `applied` ---------------------------------------------------------------------
     def _perturb(self, first: dict, quantized_grads: dict[str, torch.Tensor]) -> tuple[list, dict]:
         sources, targets = [], []
@@ -110,12 +125,16 @@ class Perturbation:
         eps = self.rule.perturbation(sources, [p for _, p, _ in targets])
         saved = {}
         with torch.no_grad():
+            moved, steps = [], []
             for (_, p, layer), e in zip(targets, eps, strict=True):
                 if layer is not None:
                     layer.weight_eps = e  # after quantization (SAQ cases 1 and 3)
                 else:
-                    saved[p] = p.detach().clone()  # restored by copy: theta + eps - eps is not theta in floats
-                    p.add_(e)
+                    moved.append(p)
+                    steps.append(e)
+            if moved:  # restored by copy: theta + eps - eps is not theta in floats
+                saved = dict(zip(moved, torch._foreach_mul(moved, 1.0), strict=True))  # exact copies
+                torch._foreach_add_(moved, steps)
         for layer in self.post_quant.values():
             layer.keep_quantized_weight = False
             layer.quantized_weight = None
@@ -124,11 +143,11 @@ class Perturbation:
     @staticmethod
     def _restore(targets: list, saved: dict) -> None:
         with torch.no_grad():
-            for _, p, layer in targets:
+            for _, _, layer in targets:
                 if layer is not None:
                     layer.weight_eps = None
-                else:
-                    p.copy_(saved[p])
+            if saved:
+                torch._foreach_copy_(list(saved), list(saved.values()))
 
     def _freeze_bn_stats(self, frozen: bool) -> None:
         """Pass 2 must not count as a batch for batch-norm running statistics."""

@@ -31,7 +31,8 @@ Tensors = list[torch.Tensor]
 
 
 def global_norm(tensors: Tensors) -> torch.Tensor:
-    return torch.norm(torch.stack([t.norm(2) for t in tensors])) if tensors else torch.tensor(0.0)
+    """||(t_1, ..., t_n)||_2 over all elements, one multi-tensor op for the per-tensor norms."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))) if tensors else torch.tensor(0.0)
 
 
 @dataclass
@@ -41,10 +42,14 @@ class SAM:
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
         scale = self.rho / (float(global_norm(grads)) + 1e-12)
-        return [g * scale for g in grads]
+        return list(torch._foreach_mul(grads, scale)) if grads else []
 
     def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
         return g_p
+
+    def directions(self, grads: Tensors, grads_p: Tensors) -> Tensors:
+        """:meth:`direction` for every tensor at once (multi-tensor ops where the rule has them)."""
+        return [self.direction(g, g_p) for g, g_p in zip(grads, grads_p, strict=True)]
 
     def after_step(self, loss: float, loss_p: float) -> None:
         pass
@@ -81,10 +86,17 @@ class ASGA(SAM):
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
         norm = float(global_norm(grads)) + 1e-12
         coefficient = self.rho / norm - self.lookback
-        return [g * coefficient for g in grads]
+        return list(torch._foreach_mul(grads, coefficient)) if grads else []
 
     def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
         return (g + g_p) / 2
+
+    def directions(self, grads: Tensors, grads_p: Tensors) -> Tensors:
+        if not grads:
+            return []
+        out = torch._foreach_add(grads, grads_p)
+        torch._foreach_div_(out, 2.0)  # (g + g_p) / 2, the same floats as direction()
+        return list(out)
 
     def after_step(self, loss: float, loss_p: float) -> None:
         """Surrogate gap h = L(theta_hat) - L(theta), its EMA, and the new radius."""

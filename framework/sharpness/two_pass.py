@@ -111,13 +111,15 @@ class TwoPassOptimizer:
             return info
 
         params = self._all_params()
-        first = {p: (p.grad.detach().clone() if p.grad is not None else None) for p in params}
+        # the first pass's gradient tensors themselves: zero_grad(set_to_none) hands them over, and
+        # the second backward writes new ones
+        first = {p: p.grad for p in params}
         with self.perturbation.applied(first, self.perturbation.quantized_grads()):
             self.zero_grad()
             loss_p = closure()
         with torch.no_grad():
-            for p in params:
-                direction = self.perturbation.direction(first.get(p), p.grad, p)
+            directions = self.perturbation.directions([first[p] for p in params], [p.grad for p in params], params)
+            for p, direction in zip(params, directions, strict=True):
                 if direction is not None:
                     p.grad = direction
         self.rule.after_step(info["loss"], float(loss_p.detach()))
@@ -216,7 +218,7 @@ class EngineTwoPass:
             loss_p = forward(self.engine.module)
             second = torch.autograd.grad(loss_p, self.params, allow_unused=True)
         with torch.no_grad():
-            directions = [perturbation.direction(first[p], g_p, p) for p, g_p in zip(self.params, second, strict=True)]
+            directions = perturbation.directions([first[p] for p in self.params], list(second), self.params)
         surrogate = sum((p * d).sum() for p, d in zip(self.params, directions, strict=True) if d is not None)
         self.engine.backward(surrogate)
         self._losses.append((float(loss.detach()), float(loss_p.detach())))

@@ -123,6 +123,55 @@ static inline void mixed_backward_chunk(const float *restrict g, const float *re
     for (int64_t j = 0; j < len; j++) gx[j] *= g[j];
 }
 
+/* The unsigned case (inputs after a ReLU: every searched layer but a network's first), with fewer
+ * operations per element and candidate: relu(x) once per element; dc/dx = 1[x > 0] - dc/dr (both are
+ * 0 for x <= 0, and they split 1 between them above 0, ties included); and three sums per candidate,
+ *   A = sum g * rint(u),  D = sum g * (rint(u) - u),  C = sum g * dc/dr,
+ * giving dL/dp_i = s_i * A and dL/dr_i (before the factor p_i) = C + D / L_i. */
+static inline void mixed_backward_chunk_unsigned(const float *restrict g, const float *restrict x, float *restrict gx,
+                                                 int64_t len, const float *p, const float *r, const float *s,
+                                                 const float *levels, int k, double *sum_p, double *sum_r) {
+    float p_total = 0.0f;
+    for (int i = 0; i < k; i++) p_total += p[i];
+    for (int64_t j = 0; j < len; j++) gx[j] = 0.0f;  /* sum_i p_i * dc_i/dr_i */
+    for (int i = 0; i < k; i++) {
+        const float ri = r[i], si = s[i], pi = p[i];
+        float acc_a[LANES] = {0}, acc_d[LANES] = {0}, acc_c[LANES] = {0};
+        int64_t j = 0;
+        for (; j + LANES <= len; j += LANES) {
+            for (int l = 0; l < LANES; l++) {
+                const float xj = x[j + l], gj = g[j + l];
+                const float rx = xj > 0.0f ? xj : 0.0f;
+                const float u = (rx < ri ? rx : ri) / si, rounded = rintf(u);
+                const float dr = rx > ri ? 1.0f : (rx == ri ? 0.5f : 0.0f);
+                acc_a[l] += gj * rounded;
+                acc_d[l] += gj * (rounded - u);
+                acc_c[l] += gj * dr;
+                gx[j + l] += pi * dr;
+            }
+        }
+        double a = 0.0, d = 0.0, c = 0.0;
+        for (; j < len; j++) {
+            const float xj = x[j], gj = g[j];
+            const float rx = xj > 0.0f ? xj : 0.0f;
+            const float u = (rx < ri ? rx : ri) / si, rounded = rintf(u);
+            const float dr = rx > ri ? 1.0f : (rx == ri ? 0.5f : 0.0f);
+            a += gj * rounded;
+            d += gj * (rounded - u);
+            c += gj * dr;
+            gx[j] += pi * dr;
+        }
+        for (int l = 0; l < LANES; l++) {
+            a += acc_a[l];
+            d += acc_d[l];
+            c += acc_c[l];
+        }
+        sum_p[i] += (double)si * a;
+        sum_r[i] += c + d / (double)levels[i];
+    }
+    for (int64_t j = 0; j < len; j++) gx[j] = g[j] * ((x[j] > 0.0f ? p_total : 0.0f) - gx[j]);
+}
+
 void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, const float *p, const float *r,
                           const float *levels, int k, int sign, double *grad_p, double *grad_r, int threads) {
     float s[MAX_K];
@@ -138,7 +187,7 @@ void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, 
             if (sign)
                 mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 1, local_p, local_r);
             else
-                mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 0, local_p, local_r);
+                mixed_backward_chunk_unsigned(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r);
         }
 #pragma omp critical
         for (int i = 0; i < k; i++) {
