@@ -98,7 +98,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lsq_forward.argtypes = [p, p, i64, i64, p, f32, f32, i32]
     lib.lsq_backward.argtypes = [p, p, p, i64, i64, p, f32, f32, p, i32]
     lib.mixed_minmax_forward.argtypes = [p, p, i64, p, p, i32]
-    lib.mixed_minmax_backward.argtypes = [p, p, i64, p, i32, p]
+    lib.mixed_minmax_backward.argtypes = [p, p, p, i64, p, p, i32, p]
     for fn in (lib.mixed_range_forward, lib.mixed_range_backward, lib.lsq_forward, lib.lsq_backward,
                lib.mixed_minmax_forward, lib.mixed_minmax_backward):
         fn.restype = None
@@ -133,8 +133,13 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a contiguous float32 tensor (itself when it is one: no dispatch on the common path)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.contiguous().to(torch.float32)
 
 
 _LEVELS: dict[tuple[int, ...], torch.Tensor] = {}
@@ -152,9 +157,7 @@ class _MixedRange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, ranges, levels: tuple[int, ...], signed: bool):
         lib = library()
-        x = x.contiguous()
-        p = probs.detach().to(torch.float32).contiguous()
-        r = ranges.detach().to(torch.float32).contiguous()
+        x, p, r = _f32(x), _f32(probs.detach()), _f32(ranges.detach())
         lv = _levels(levels)
         y = torch.empty_like(x)
         lib.mixed_range_forward(_ptr(x), _ptr(y), x.numel(), _ptr(p), _ptr(r), _ptr(lv), len(levels), int(signed),
@@ -168,15 +171,14 @@ class _MixedRange(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, p, r = ctx.saved_tensors
-        grad = grad.contiguous().to(torch.float32)
+        grad = _f32(grad)
         k = len(ctx.levels)
         gx = torch.empty_like(x)
-        gp = torch.empty(k, dtype=torch.float64)
-        gr = torch.empty(k, dtype=torch.float64)
+        gpr = torch.empty(2, k)  # dL/dp, dL/dr (summed in double by the kernel)
         library().mixed_range_backward(_ptr(grad), _ptr(x), _ptr(gx), x.numel(), _ptr(p), _ptr(r),
-                                       _ptr(_levels(ctx.levels)), k, int(ctx.signed), _ptr(gp), _ptr(gr),
+                                       _ptr(_levels(ctx.levels)), k, int(ctx.signed), _ptr(gpr[0]), _ptr(gpr[1]),
                                        torch.get_num_threads())
-        return gx, gp.to(ctx.dtypes[0]), gr.to(ctx.dtypes[1]), None, None
+        return gx, gpr[0].to(ctx.dtypes[0]), gpr[1].to(ctx.dtypes[1]), None, None
 
 
 def mixed_learned_range(x: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor, levels: tuple[int, ...],
@@ -193,8 +195,7 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, qn: float, qp: float, grad_scale: float):
         lib = library()
-        x = x.contiguous()
-        s = step.detach().to(torch.float32).contiguous().view(-1)
+        x, s = _f32(x), _f32(step.detach()).view(-1)
         outer = s.numel()
         y = torch.empty_like(x)
         lib.lsq_forward(_ptr(x), _ptr(y), outer, x.numel() // outer, _ptr(s), qn, qp, torch.get_num_threads())
@@ -206,7 +207,7 @@ class _LSQ(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
-        grad = grad.contiguous().to(torch.float32)
+        grad = _f32(grad)
         outer = s.numel()
         gx = torch.empty_like(x)
         gs = torch.empty(outer, dtype=torch.float64)
@@ -229,8 +230,7 @@ class _MixedMinMax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, probs, qps):
-        w = w.contiguous()
-        p = probs.detach().to(torch.float32).contiguous()
+        w, p = _f32(w), _f32(probs.detach())
         y = torch.empty_like(w)
         library().mixed_minmax_forward(_ptr(w), _ptr(y), w.numel(), _ptr(p), _ptr(qps), qps.numel())
         ctx.save_for_backward(w, p, qps)
@@ -241,14 +241,12 @@ class _MixedMinMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         w, p, qps = ctx.saved_tensors
-        grad_w = grad * p.sum() if ctx.needs_input_grad[0] else None
-        grad_p = None
-        if ctx.needs_input_grad[1]:
-            grad = grad.contiguous().to(torch.float32)
-            gp = torch.empty(qps.numel(), dtype=torch.float64)
-            library().mixed_minmax_backward(_ptr(grad), _ptr(w), w.numel(), _ptr(qps), qps.numel(), _ptr(gp))
-            grad_p = gp.to(ctx.probs_dtype)
-        return grad_w, grad_p, None
+        grad = _f32(grad)
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[0] else None  # grad * sum(p)
+        grad_p = torch.empty(qps.numel()) if ctx.needs_input_grad[1] else None
+        library().mixed_minmax_backward(_ptr(grad), _ptr(w), _ptr(grad_w), w.numel(), _ptr(p), _ptr(qps), qps.numel(),
+                                        _ptr(grad_p))
+        return grad_w, None if grad_p is None else grad_p.to(ctx.probs_dtype), None
 
 
 def mixed_minmax(w: torch.Tensor, probs: torch.Tensor, qps: torch.Tensor) -> torch.Tensor:

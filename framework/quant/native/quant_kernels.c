@@ -173,7 +173,7 @@ static inline void mixed_backward_chunk_unsigned(const float *restrict g, const 
 }
 
 void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, const float *p, const float *r,
-                          const float *levels, int k, int sign, double *grad_p, double *grad_r, int threads) {
+                          const float *levels, int k, int sign, float *grad_p, float *grad_r, int threads) {
     float s[MAX_K];
     for (int i = 0; i < k; i++) s[i] = r[i] / levels[i];
     double sum_p[MAX_K] = {0}, sum_r[MAX_K] = {0};
@@ -196,8 +196,8 @@ void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, 
         }
     }
     for (int i = 0; i < k; i++) {
-        grad_p[i] = sum_p[i];
-        grad_r[i] = (double)p[i] * sum_r[i];
+        grad_p[i] = (float)sum_p[i];
+        grad_r[i] = (float)((double)p[i] * sum_r[i]);
     }
 }
 
@@ -219,7 +219,7 @@ void lsq_forward(const float *x, float *y, int64_t outer, int64_t inner, const f
 }
 
 void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int64_t inner, const float *step,
-                  float qn, float qp, double *grad_step, int threads) {
+                  float qn, float qp, double *grad_step, int threads) {  /* grad_step: outer doubles */
     const int64_t chunks_per_group = n_chunks(inner), chunks = outer * chunks_per_group;
     for (int64_t o = 0; o < outer; o++) grad_step[o] = 0.0;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -284,9 +284,14 @@ void mixed_minmax_forward(const float *w, float *y, int64_t n, const float *p, c
     }
 }
 
-void mixed_minmax_backward(const float *g, const float *w, int64_t n, const float *qp, int k, double *grad_p) {
-    float s[MAX_K];
+void mixed_minmax_backward(const float *g, const float *w, float *gw, int64_t n, const float *p, const float *qp, int k,
+                           float *grad_p) {
+    float s[MAX_K], p_total = 0.0f;
     minmax_steps(w, n, qp, k, s);
+    for (int i = 0; i < k; i++) p_total += p[i];
+    if (gw)
+        for (int64_t j = 0; j < n; j++) gw[j] = g[j] * p_total;
+    if (!grad_p) return;
     for (int i = 0; i < k; i++) {
         const float si = s[i], hi = qp[i], lo = -qp[i];
         float acc[LANES] = {0};
@@ -305,6 +310,6 @@ void mixed_minmax_backward(const float *g, const float *w, int64_t n, const floa
             sum += g[j] * (level * si);
         }
         for (int l = 0; l < LANES; l++) sum += acc[l];
-        grad_p[i] = sum;
+        grad_p[i] = (float)sum;
     }
 }
