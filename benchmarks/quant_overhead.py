@@ -11,6 +11,11 @@ ResNet-20 (10 classes) on a batch of random 32x32 RGB inputs (128 by default) fo
 - ``supernet``: the search supernet of ``framework.quant.build_supernet`` with 4 candidate
   bit-widths per layer and the min-max / learned-range quantizers of ``conf/quant/minmax.yaml``.
 
+The quantizers run their fused kernels (``quant.fused=true``): on the CPU the C kernels of
+``framework.quant.native``. ``--compare-compiled`` also times ``fixed_compiled`` and
+``supernet_compiled``, the same models with the torch.compile kernels instead (what ran on the CPU
+before the C kernels), in the same rounds.
+
 Every variant is warmed up (which also initialises the LSQ step sizes), then the variants are timed
 in interleaved rounds (the order rotates from round to round) and the median step time over all
 timed steps is reported with its ratio to full precision, against the targets fixed <= 1.10x and
@@ -30,6 +35,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/quant_overhead.py
     .venv/bin/python benchmarks/quant_overhead.py --threads 1 --rounds 5 --json /tmp/overhead.json
     .venv/bin/python benchmarks/quant_overhead.py --profile   # top ops of one supernet step
+    .venv/bin/python benchmarks/quant_overhead.py --compare-compiled   # the C kernels against torch.compile's
     .venv/bin/python benchmarks/quant_overhead.py --device cuda --json benchmarks/results/gpu/quant_overhead.json
 
 ``--json`` writes the figures with the machine, the targets and whether each is met
@@ -40,6 +46,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -53,7 +60,7 @@ from torch import nn
 
 from framework.models import create_model
 from framework.paths import CONF_DIR
-from framework.quant import build_supernet, fixed_layer_names, quantize_model, trace_layers
+from framework.quant import build_supernet, fixed_layer_names, native, quantize_model, trace_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
 from benchmarks.common import (  # noqa: E402
@@ -85,6 +92,7 @@ FIGURE_NAMES = {
     "supernet": "search supernet step / full-precision step",
 }
 STEP_NAMES = {"fp": "full-precision", "fixed": "fixed mixed-policy QAT", "supernet": "search supernet"}
+COMPILED_SUFFIX = "_compiled"
 
 
 @dataclass
@@ -116,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round (default: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: 3)")
     parser.add_argument("--profile", action="store_true", help="profile one supernet step and print its top ops")
+    parser.add_argument("--compare-compiled", action="store_true",
+                        help="also time the fixed and supernet steps with the torch.compile kernels instead of the "
+                             "C kernels (framework.quant.native), side by side in the same rounds")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     add_step_options(parser, VARIANTS)
     args = parser.parse_args(argv)
@@ -187,17 +198,29 @@ def build_variants(names: tuple[str, ...] = VARIANTS, device: str = "cpu") -> tu
 
 
 def make_step(variant: Variant, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One training step of `variant` on the fixed batch; returns the (detached) loss."""
+    """One training step of `variant` on the fixed batch; returns the (detached) loss. The
+    `*_compiled` variants run with the C kernels switched off (the torch.compile ones instead)."""
     loss_fn = nn.CrossEntropyLoss()
+    kernels = native.disabled if variant.name.endswith(COMPILED_SUFFIX) else contextlib.nullcontext
 
     def step() -> torch.Tensor:
-        variant.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(variant.model(inputs), targets)
-        loss.backward()
-        variant.optimizer.step()
+        with kernels():
+            variant.optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(variant.model(inputs), targets)
+            loss.backward()
+            variant.optimizer.step()
         return loss.detach()
 
     return step
+
+
+def compiled_variants(device: str) -> list[Variant]:
+    """The fixed and supernet variants again, to run with the torch.compile kernels."""
+    variants, _ = build_variants(("fixed", "supernet"), device)
+    for variant in variants:
+        variant.name += COMPILED_SUFFIX
+        variant.description += ", torch.compile kernels"
+    return variants
 
 
 def measure(variants: list[Variant], steps: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace) -> None:
@@ -251,6 +274,8 @@ def figures_of(variants: list[Variant], ratios: dict[str, float], memory: dict[s
     out = [figure(f"full-precision step ({MODEL}, batch {batch_size})", variants[0].median_ms, "ms")]
     out += [figure(f"{FIGURE_NAMES[name]} ({MODEL}, batch {batch_size})", ratios[name], "x", ("<=", limit))
             for name, limit in TARGETS.items()]
+    out += [figure(f"{FIGURE_NAMES[name]}, torch.compile kernels instead of the C ones ({MODEL}, batch {batch_size})",
+                   ratios[name + COMPILED_SUFFIX], "x") for name in TARGETS if name + COMPILED_SUFFIX in ratios]
     if memory:
         for name in VARIANTS:
             out.append(figure(f"peak memory of one {STEP_NAMES[name]} step (over the memory live before it)",
@@ -274,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     variants, policy = build_variants(VARIANTS, args.device)
+    if args.compare_compiled:
+        variants += compiled_variants(args.device)
     inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE).to(args.device)
     targets = torch.randint(0, NUM_CLASSES, (args.batch_size,)).to(args.device)
     steps = {variant.name: make_step(variant, inputs, targets) for variant in variants}
@@ -289,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     fp_ms = variants[0].median_ms
     ratios = {v.name: v.median_ms / fp_ms for v in variants}
     print()
-    print(f"{'variant':<10} {'ms/step':>9} {'x fp':>6}  description")
+    print(f"{'variant':<18} {'ms/step':>9} {'x fp':>6}  description")
     for v in variants:
-        print(f"{v.name:<10} {v.median_ms:>9.1f} {ratios[v.name]:>6.2f}  {v.description}")
+        print(f"{v.name:<18} {v.median_ms:>9.1f} {ratios[v.name]:>6.2f}  {v.description}")
     print()
     passed = {name: ratios[name] <= limit for name, limit in TARGETS.items()}
     for name, limit in TARGETS.items():

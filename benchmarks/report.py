@@ -32,7 +32,7 @@ NOT_RUN = {
                  "--packed outputs/pipeline/<run>/export/model.safetensors`)",
 }
 RERUN = """\
-    make bench                                            # every script (about 15 minutes on 2 cores), then this file
+    make bench                                            # every script (about 10 minutes on 2 cores), then this file
     MPQ_BENCH_ONLY="quant_overhead loaders" make bench    # some scripts only; the others' results are kept
     .venv/bin/python benchmarks/quant_overhead.py --json benchmarks/results/quant_overhead.json   # one script
     .venv/bin/python benchmarks/report.py                 # this file again, from benchmarks/results/

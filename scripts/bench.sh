@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# `make bench`: every benchmark of benchmarks/ with settings that fit in about 15 minutes on an
+# `make bench`: every benchmark of benchmarks/ with settings that fit in about 10 minutes on an
 # otherwise idle 2-core machine, each script's figures into benchmarks/results/<script>.json (with the
 # machine), then BENCHMARKS.md (benchmarks/report.py). One progress line per script with its time;
 # each script's output goes to outputs/bench/<script>.log.
 #
 # Settings (against each script's defaults) and the time each takes here (estimates for 2 idle
 # cores; each fresh process for memory pays its imports and the fused kernels' compilation, 20-50 s):
-#   quant_overhead  3 rounds x 5 steps (default 10), + 3 fresh processes for memory   ~2.5 min
-#   search_step     3 rounds x 5 steps (default 10), + 5 fresh processes for memory   ~4 min
+#   quant_overhead  3 rounds x 5 steps (default 10), with the torch.compile kernels side by side
+#                   (--compare-compiled), + 3 fresh processes for memory                ~1.5 min
+#   search_step     3 rounds x 5 steps (default 10), + 5 fresh processes for memory   ~2 min
 #   loaders         defaults (30 batches x 2 rounds, batch 128)                        ~1 min
 #                   (+ ~3 min once: the JPEG tree data/imagenet_like and its beton)
-#   ddp_scaling     2 rounds x 4 steps after 1 warm-up (default 10 after 3)             ~3 min
-#   sweep_parallel  defaults without the in-process baseline (--no-in-process)         ~4 min
+#   ddp_scaling     2 rounds x 4 steps after 1 warm-up (default 10 after 3)             ~1.5 min
+#   sweep_parallel  defaults without the in-process baseline (--no-in-process)         ~3 min
 #   onnx_bias, search_decisiveness: not run (they read another run's outputs; the report says so)
 # The progress lines give each script's time: adjust these settings if a machine needs it.
 #
@@ -59,9 +60,9 @@ bench() {
   FAILED+=("$name")
 }
 
-say "every benchmark, about 15 minutes on 2 idle cores; logs in $LOGS"
-bench quant_overhead 8 "2.5 min" --rounds 3 --steps 5 --warmup 3
-bench search_step 12 "4 min" --rounds 3 --steps 5
+say "every benchmark, about 10 minutes on 2 idle cores; logs in $LOGS"
+bench quant_overhead 8 "1.5 min" --rounds 3 --steps 5 --warmup 3 --compare-compiled
+bench search_step 12 "2 min" --rounds 3 --steps 5
 
 if wanted loaders && [ ! -d "$TREE/train" ]; then
   say "loaders: building the JPEG tree it reads, once ($TREE: 22,000 images, 1.1 GB, about 2 min)"
@@ -69,8 +70,8 @@ if wanted loaders && [ ! -d "$TREE/train" ]; then
     say "loaders: could not build $TREE (see $LOGS/make_imagenet_like.log)"
 fi
 bench loaders 10 "1 min, +1 min the first time for the beton" --root "$TREE" --batches 30 --warmup 3 --rounds 2
-bench ddp_scaling 10 "3 min" --steps 4 --warmup 1 --rounds 2
-bench sweep_parallel 12 "4 min" --no-in-process
+bench ddp_scaling 10 "1.5 min" --steps 4 --warmup 1 --rounds 2
+bench sweep_parallel 12 "3 min" --no-in-process
 
 "$PY" benchmarks/report.py
 say "all done"

@@ -22,6 +22,7 @@ are differentiable once (Hessian-vector products switch the fused kernels off:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -44,6 +45,7 @@ MAX_CANDIDATES = 16  # MAX_K in quant_kernels.c
 
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
+_DISABLED = False
 
 
 def _compiler() -> str | None:
@@ -129,8 +131,21 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether the C kernels can take `x`: float32 on the CPU, and the library builds here."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+    """Whether the C kernels can take `x`: float32 on the CPU, the library builds here, and they
+    are not switched off (:func:`disabled`)."""
+    return not _DISABLED and x.device.type == "cpu" and x.dtype == torch.float32 and available()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside, the fused entry points take their torch.compile versions instead of the C kernels
+    (both in one process: benchmarks/quant_overhead.py --compare-compiled)."""
+    global _DISABLED
+    before, _DISABLED = _DISABLED, True
+    try:
+        yield
+    finally:
+        _DISABLED = before
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
