@@ -85,7 +85,7 @@ def test_the_kernels_take_non_contiguous_inputs_and_refuse_a_second_derivative()
 
 def test_fused_entry_points_take_the_c_kernels_on_the_cpu(monkeypatch):
     """fused_lsq and fused_mixed_learned_range run the C kernels for float32 CPU tensors, and the
-    torch.compile versions for anything else (here: float64)."""
+    torch.compile versions for anything else (here: float64) or inside native.disabled()."""
     calls = []
     monkeypatch.setattr(native, "_LSQ", type("Spy", (), {"apply": staticmethod(lambda *a: calls.append("lsq") or a[0])}))
     monkeypatch.setattr(native, "_MixedRange", type("Spy", (), {"apply": staticmethod(lambda *a: calls.append("mix") or a[0])}))
@@ -95,6 +95,11 @@ def test_fused_entry_points_take_the_c_kernels_on_the_cpu(monkeypatch):
     assert calls == ["lsq", "mix"]
     out = fused_lsq(x.double(), torch.tensor([0.1], dtype=torch.float64), 0.0, 7.0, 0.1)
     assert calls == ["lsq", "mix"] and out.dtype == torch.float64
+    with native.disabled():  # switched off for an A/B in one process, then on again
+        fused_lsq(x, torch.tensor([0.1]), 0.0, 7.0, 0.1)
+    assert calls == ["lsq", "mix"]
+    fused_lsq(x, torch.tensor([0.1]), 0.0, 7.0, 0.1)
+    assert calls == ["lsq", "mix", "lsq"]
 
 
 def test_the_library_is_built_once_per_source_and_cpu_atomically(tmp_path, monkeypatch):
