@@ -15,6 +15,12 @@ written to a temporary file and renamed, so processes starting together (DeepSpe
 trials) never load half a file. Without a compiler, `available()` is False and the callers use
 their torch.compile or eager versions (framework/quant/fused.py).
 
+The library is loaded as a `ctypes.PyDLL`, so a call keeps the GIL, as torch's own ops do while
+they run their OpenMP loops. Through `ctypes.CDLL`, which releases it, the pipeline's other Python
+threads (tracking, the process group) ran during every kernel and took a core from one of its
+OpenMP threads; a static schedule then waits for the slowest thread. In `mpq pipeline` this made
+evaluation take 5.0-5.7 s instead of 2.5-3.0 s, and fine-tuning 20-22 s instead of 16-17 s.
+
 Every kernel takes float32 tensors on the CPU; the autograd functions here make them contiguous and
 are differentiable once (Hessian-vector products switch the fused kernels off:
 :func:`framework.quant.disable_fused_kernels`).
@@ -120,7 +126,7 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): the quantizers' CPU kernels use torch.compile or eager ops")
         return None
     try:
-        _LIB = _declare(ctypes.CDLL(str(_build(cc))))
+        _LIB = _declare(ctypes.PyDLL(str(_build(cc))))  # keeps the GIL during calls (module docstring)
     except (OSError, RuntimeError) as err:
         log.warning("the quantizers' CPU kernels could not be built (%s); using torch.compile or eager ops", err)
     return _LIB
