@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.quant import native
 from framework.quant.fused import fused_mixed_learned_range
 from framework.quant.quantizers import (
+    FULL_PRECISION,
     LearnedRangeActQuantizer,
     MinMaxWeightQuantizer,
     check_bits,
@@ -140,6 +142,10 @@ class _SearchMixin:
         self.fusable_act = all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
         # min-max weight candidates have no state: their mix is one op (quantizers.mixed_minmax_weight)
         self.one_op_weight_mix = all(isinstance(q, MinMaxWeightQuantizer) for q in self.weight_quants)
+        # the C kernel's bounds Qp_j of such a mix without a full-precision candidate (None otherwise)
+        qps = [2 ** (b - 1) - 1 for b in self.w_candidates] if self.one_op_weight_mix else []
+        self.register_buffer("minmax_qps", torch.tensor(qps, dtype=torch.float32)
+                             if qps and max(self.w_candidates) < FULL_PRECISION else None, persistent=False)
         self.macs = 0.0
         self.register_buffer("w_bit_values", torch.tensor(self.w_candidates, dtype=torch.float32), persistent=False)
         self.register_buffer("a_bit_values", torch.tensor(self.a_candidates, dtype=torch.float32), persistent=False)
@@ -172,19 +178,35 @@ class _SearchMixin:
         return bool(signs.pop()) if len(signs) == 1 and -1 not in signs else None
 
     def mixed_input_and_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pw, pa = self._mixing_weights()
+        """(x_mix, W_mix). With `fused` on the CPU, without Gumbel sampling, each mix is one call of the
+        C kernels that also takes the softmax of the logits (and the ranges' |rho| + 1e-8) and their
+        gradients (native.mixed_learned_range_of_params, native.mixed_minmax_of_logits); else the
+        mixing weights are computed here and each mix by its fused or eager op."""
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        aw, aa = self._logits()
         signed = self._fusable_sign() if self.fused and self.fusable_act else None
-        if signed is not None:
-            levels = tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in self.act_quants)
-            ranges = torch.stack([q.range for q in self.act_quants]).abs() + 1e-8
-            x_mix = fused_mixed_learned_range(x, pa, ranges, levels, signed)
+        in_call = self.fused and not (self.training and self.gumbel_tau) and native.usable(x)
+        rhos = [q.range for q in self.act_quants] if signed is not None else []
+        probs = None
+        if in_call and signed is not None and native.takes_params(aa, *rhos):
+            x_mix = native.mixed_learned_range_of_params(x, aa, rhos, self._act_levels(signed), signed)
         else:
-            x_mix = sum(p * q(x) for p, q in zip(pa, self.act_quants, strict=True))
+            probs = self._mixing_weights()
+            if signed is not None:
+                ranges = torch.stack(rhos).abs() + 1e-8
+                x_mix = fused_mixed_learned_range(x, probs[1], ranges, self._act_levels(signed), signed)
+            else:
+                x_mix = sum(p * q(x) for p, q in zip(probs[1], self.act_quants, strict=True))
+        qps = self.minmax_qps
+        if in_call and qps is not None and native.takes_params(aw, qps):
+            return x_mix, native.mixed_minmax_of_logits(weight, aw, qps)
+        pw = (probs or self._mixing_weights())[0]
         if self.one_op_weight_mix:
-            w_mix = mixed_minmax_weight(self.weight, pw, self.w_candidates, self.fused)  # type: ignore[attr-defined]
-        else:
-            w_mix = sum(p * q(self.weight) for p, q in zip(pw, self.weight_quants, strict=True))  # type: ignore[attr-defined]
-        return x_mix, w_mix
+            return x_mix, mixed_minmax_weight(weight, pw, self.w_candidates, self.fused)
+        return x_mix, sum(p * q(weight) for p, q in zip(pw, self.weight_quants, strict=True))
+
+    def _act_levels(self, signed: bool) -> tuple[int, ...]:
+        return tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in self.act_quants)
 
     def extra_repr(self) -> str:  # type: ignore[override]
         return f"{super().extra_repr()}, w_candidates={self.w_candidates}, a_candidates={self.a_candidates}"  # type: ignore[misc]

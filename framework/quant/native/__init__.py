@@ -108,8 +108,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lsq_backward.argtypes = [p, p, p, i64, i64, p, f32, f32, p, i32]
     lib.mixed_minmax_forward.argtypes = [p, p, i64, p, p, i32]
     lib.mixed_minmax_backward.argtypes = [p, p, p, i64, p, p, i32, p]
+    lib.mixed_range_forward_params.argtypes = [p, p, i64, p, p, p, i32, i32, i32, p]
+    lib.mixed_range_backward_params.argtypes = [p, p, p, i64, p, p, i32, i32, p, p, i32]
+    lib.mixed_minmax_backward_logits.argtypes = [p, p, p, i64, p, p, i32, p]
     for fn in (lib.mixed_range_forward, lib.mixed_range_backward, lib.lsq_forward, lib.lsq_backward,
-               lib.mixed_minmax_forward, lib.mixed_minmax_backward):
+               lib.mixed_minmax_forward, lib.mixed_minmax_backward, lib.mixed_range_forward_params,
+               lib.mixed_range_backward_params,
+               lib.mixed_minmax_backward_logits):
         fn.restype = None
     return lib
 
@@ -277,3 +282,92 @@ def mixed_minmax(w: torch.Tensor, probs: torch.Tensor, qps: torch.Tensor) -> tor
     if qps.numel() > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} candidate bit-widths, got {qps.numel()}")
     return _MixedMinMax.apply(w, probs, qps.to(torch.float32).contiguous())
+
+
+# -- the supernet's mixes with the softmax of their logits (and the ranges' |rho| + 1e-8) in the call ------
+# One autograd node per mix instead of five or six: the small ops around the kernels (softmax, stack,
+# abs, add, their backward nodes) each cost tens of microseconds on a CPU whose caches the large kernels
+# have just flushed, more than the arithmetic they do (benchmarks/README.md, "the small ops").
+
+
+def takes_params(*params: torch.Tensor) -> bool:
+    """Whether the parameters can be read in place by the kernels (float32, contiguous, on the CPU)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in params)
+
+
+class _MixedRangeOfParams(torch.autograd.Function):
+    """sum_i softmax(a)_i * Q(x; |rho_i| + 1e-8, L_i), with the gradients of `a` and of every rho_i."""
+
+    @staticmethod
+    def forward(ctx, x, logits, levels: tuple[int, ...], signed: bool, *rhos):
+        k = len(levels)
+        x = _f32(x)
+        y = torch.empty_like(x)
+        probs = torch.softmax(logits, 0)  # torch's, so the output equals the plain ops' bit for bit
+        state = torch.empty(3 * k)  # p, r and the rho values read, for the backward
+        rho_ptrs = (ctypes.c_void_p * k)(*(rho.data_ptr() for rho in rhos))
+        library().mixed_range_forward_params(_ptr(x), _ptr(y), x.numel(), _ptr(probs), rho_ptrs,
+                                             _ptr(_levels(levels)), k, int(signed), torch.get_num_threads(),
+                                             _ptr(state))
+        ctx.save_for_backward(x)
+        ctx.state, ctx.levels, ctx.signed = state, levels, signed
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad = _f32(grad)
+        k = len(ctx.levels)
+        gx = torch.empty_like(x)
+        grad_logits, grad_rho = torch.empty(2, k).unbind(0)
+        library().mixed_range_backward_params(_ptr(grad), _ptr(x), _ptr(gx), x.numel(), _ptr(ctx.state),
+                                              _ptr(_levels(ctx.levels)), k, int(ctx.signed), _ptr(grad_logits),
+                                              _ptr(grad_rho), torch.get_num_threads())
+        return (gx, grad_logits, None, None, *grad_rho.unbind(0))
+
+
+def mixed_learned_range_of_params(x: torch.Tensor, logits: torch.Tensor, rhos: list[torch.Tensor],
+                                  levels: tuple[int, ...], signed: bool) -> torch.Tensor:
+    """:func:`mixed_learned_range` with probs = softmax(logits) and ranges |rho_i| + 1e-8 (one scalar
+    parameter rho_i per candidate) computed in the same call, differentiable w.r.t. all of them. The
+    parameters must pass :func:`takes_params`."""
+    if not 0 < len(levels) <= MAX_CANDIDATES or len(rhos) != len(levels) or logits.numel() != len(levels):
+        raise ValueError(f"{len(levels)} candidates (at most {MAX_CANDIDATES}), {logits.numel()} logits and "
+                         f"{len(rhos)} ranges: one of each per candidate")
+    return _MixedRangeOfParams.apply(x, logits, levels, signed, *rhos)
+
+
+class _MixedMinMaxOfLogits(torch.autograd.Function):
+    """sum_j softmax(a)_j * Q_j(W) over min-max candidates, with the gradients of W and `a`."""
+
+    @staticmethod
+    def forward(ctx, w, logits, qps):
+        w = _f32(w)
+        y = torch.empty_like(w)
+        probs = torch.softmax(logits, 0)  # torch's, so the output equals the plain ops' bit for bit
+        library().mixed_minmax_forward(_ptr(w), _ptr(y), w.numel(), _ptr(probs), _ptr(qps), qps.numel())
+        ctx.save_for_backward(w)
+        ctx.probs, ctx.qps = probs, qps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        grad = _f32(grad)
+        needs_w, needs_logits = ctx.needs_input_grad[:2]
+        grad_w = torch.empty_like(w) if needs_w else None  # grad * sum(p)
+        grad_logits = torch.empty(ctx.qps.numel()) if needs_logits else None
+        library().mixed_minmax_backward_logits(_ptr(grad), _ptr(w), _ptr(grad_w), w.numel(), _ptr(ctx.probs),
+                                               _ptr(ctx.qps), ctx.qps.numel(), _ptr(grad_logits))
+        return grad_w, grad_logits, None
+
+
+def mixed_minmax_of_logits(w: torch.Tensor, logits: torch.Tensor, qps: torch.Tensor) -> torch.Tensor:
+    """:func:`mixed_minmax` with probs = softmax(logits) computed in the same call (float32 `qps` on
+    the CPU, contiguous; `logits` must pass :func:`takes_params`)."""
+    if not 0 < qps.numel() <= MAX_CANDIDATES or logits.numel() != qps.numel():
+        raise ValueError(f"{qps.numel()} candidates (at most {MAX_CANDIDATES}) and {logits.numel()} logits: "
+                         "one logit per candidate")
+    return _MixedMinMaxOfLogits.apply(w, logits, qps)

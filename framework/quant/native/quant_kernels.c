@@ -313,3 +313,49 @@ void mixed_minmax_backward(const float *g, const float *w, float *gw, int64_t n,
         grad_p[i] = (float)sum;
     }
 }
+
+/* -- the supernet's two mixes with their parameters' maps in the same call -----------------------------
+ * One call per mix and direction instead of a stack, an abs and an add and the backward nodes of those
+ * and of the softmax around each: on a 2-core CPU each of those small ops costs far more than its
+ * arithmetic, because it runs with cold caches after the large kernels around it (benchmarks/README.md).
+ * The caller computes p = softmax(a) with torch (so the forward equals the plain ops bit for bit); here
+ *   r_i = |rho_i| + 1e-8 from each candidate's range parameter (float, as torch computes it),
+ * and, backward, through the softmax and the ranges:
+ *   dL/da_i = p_i * (dL/dp_i - sum_j p_j dL/dp_j)  (in double),   dL/drho_i = sgn(rho_i) * dL/dr_i */
+static void softmax_backward(const float *p, const float *grad_p, int k, float *grad_a) {
+    double dot = 0.0;
+    for (int i = 0; i < k; i++) dot += (double)p[i] * grad_p[i];
+    for (int i = 0; i < k; i++) grad_a[i] = (float)((double)p[i] * ((double)grad_p[i] - dot));
+}
+
+/* state: 3 x k floats the forward writes for the backward: p, r, and the rho values it read */
+void mixed_range_forward_params(const float *x, float *y, int64_t n, const float *p, const float *const *rho,
+                                const float *levels, int k, int sign, int threads, float *state) {
+    float *r = state + k, *rho_seen = state + 2 * k;
+    for (int i = 0; i < k; i++) {
+        state[i] = p[i];
+        rho_seen[i] = *rho[i];
+        r[i] = fabsf(rho_seen[i]) + 1e-8f;
+    }
+    mixed_range_forward(x, y, n, state, r, levels, k, sign, threads);
+}
+
+void mixed_range_backward_params(const float *g, const float *x, float *gx, int64_t n, const float *state,
+                                 const float *levels, int k, int sign, float *grad_logits, float *grad_rho,
+                                 int threads) {
+    float grad_p[MAX_K], grad_r[MAX_K];
+    mixed_range_backward(g, x, gx, n, state, state + k, levels, k, sign, grad_p, grad_r, threads);
+    softmax_backward(state, grad_p, k, grad_logits);
+    for (int i = 0; i < k; i++) {
+        const float v = state[2 * k + i];
+        grad_rho[i] = (v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f)) * grad_r[i];
+    }
+}
+
+/* the min-max mix's backward through p = softmax(a) (grad_logits NULL: only dL/dW) */
+void mixed_minmax_backward_logits(const float *g, const float *w, float *gw, int64_t n, const float *p,
+                                  const float *qp, int k, float *grad_logits) {
+    float grad_p[MAX_K];
+    mixed_minmax_backward(g, w, gw, n, p, qp, k, grad_logits ? grad_p : 0);
+    if (grad_logits) softmax_backward(p, grad_p, k, grad_logits);
+}
