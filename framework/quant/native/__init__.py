@@ -105,7 +105,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mixed_range_forward.argtypes = [p, p, i64, p, p, p, i32, i32, i32]
     lib.mixed_range_backward.argtypes = [p, p, p, i64, p, p, p, i32, i32, p, p, i32]
     lib.lsq_forward.argtypes = [p, p, i64, i64, p, f32, f32, i32]
-    lib.lsq_backward.argtypes = [p, p, p, i64, i64, p, f32, f32, p, i32]
+    lib.lsq_backward.argtypes = [p, p, p, i64, i64, p, f32, f32, ctypes.c_double, p, i32]
     lib.mixed_minmax_forward.argtypes = [p, p, i64, p, p, i32]
     lib.mixed_minmax_backward.argtypes = [p, p, p, i64, p, p, i32, p]
     lib.mixed_range_forward_params.argtypes = [p, p, i64, p, p, p, i32, i32, i32, p]
@@ -221,11 +221,10 @@ class _LSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, qn: float, qp: float, grad_scale: float):
-        lib = library()
-        x, s = _f32(x), _f32(step.detach()).view(-1)
+        x, s = _f32(x), _f32(step)  # the step is read in place (a parameter: no copy, no view)
         outer = s.numel()
         y = torch.empty_like(x)
-        lib.lsq_forward(_ptr(x), _ptr(y), outer, x.numel() // outer, _ptr(s), qn, qp, torch.get_num_threads())
+        library().lsq_forward(_ptr(x), _ptr(y), outer, x.numel() // outer, _ptr(s), qn, qp, torch.get_num_threads())
         ctx.save_for_backward(x, s)
         ctx.bounds, ctx.grad_scale, ctx.step_shape, ctx.step_dtype = (qn, qp), grad_scale, step.shape, step.dtype
         return y
@@ -237,11 +236,10 @@ class _LSQ(torch.autograd.Function):
         grad = _f32(grad)
         outer = s.numel()
         gx = torch.empty_like(x)
-        gs = torch.empty(outer, dtype=torch.float64)
+        grad_step = torch.empty(ctx.step_shape)  # each sum (in double) times grad_scale, in float32
         library().lsq_backward(_ptr(grad), _ptr(x), _ptr(gx), outer, x.numel() // outer, _ptr(s), *ctx.bounds,
-                               _ptr(gs), torch.get_num_threads())
-        grad_step = (gs * ctx.grad_scale).to(ctx.step_dtype).view(ctx.step_shape)
-        return gx, grad_step, None, None, None
+                               ctx.grad_scale, _ptr(grad_step), torch.get_num_threads())
+        return gx, grad_step if ctx.step_dtype == torch.float32 else grad_step.to(ctx.step_dtype), None, None, None
 
 
 def lsq(x: torch.Tensor, step: torch.Tensor, qn: float, qp: float, grad_scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 #define CHUNK 2048
@@ -218,10 +219,13 @@ void lsq_forward(const float *x, float *y, int64_t outer, int64_t inner, const f
     }
 }
 
+/* grad_step: `outer` floats, each group's sum (in double) times grad_scale, rounded once */
 void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int64_t inner, const float *step,
-                  float qn, float qp, double *grad_step, int threads) {  /* grad_step: outer doubles */
+                  float qn, float qp, double grad_scale, float *grad_step, int threads) {
     const int64_t chunks_per_group = n_chunks(inner), chunks = outer * chunks_per_group;
-    for (int64_t o = 0; o < outer; o++) grad_step[o] = 0.0;
+    double sums_on_stack[64];
+    double *sums = outer <= 64 ? sums_on_stack : (double *)malloc((size_t)outer * sizeof(double));
+    for (int64_t o = 0; o < outer; o++) sums[o] = 0.0;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t o = c / chunks_per_group, offset = (c % chunks_per_group) * CHUNK;
@@ -248,8 +252,10 @@ void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int6
         }
         for (int l = 0; l < LANES; l++) sum += acc[l];
 #pragma omp atomic
-        grad_step[o] += sum;
+        sums[o] += sum;
     }
+    for (int64_t o = 0; o < outer; o++) grad_step[o] = (float)(sums[o] * grad_scale);
+    if (sums != sums_on_stack) free(sums);
 }
 
 /* The supernet's mixed min-max weight over K low-bit candidates (EdMIPS/GMPQ weight quantizer):
