@@ -35,14 +35,20 @@ def _grads(fn, x, *params, upstream):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_mixed_activation_equals_the_plain_ops_on_several_chunks(signed):
+@pytest.mark.parametrize("k", [1, 4, 5], ids=["1-candidate", "4-candidates", "5-candidates"])
+def test_mixed_activation_equals_the_plain_ops_on_several_chunks(signed, k):
+    """Up to 4 candidates take the one-pass AVX-512 code where the CPU has it, 5 the per-candidate
+    loops: both equal the plain ops, with ties at the ranges and exact zeros in the input."""
     torch.manual_seed(1)
     x = torch.randn(SHAPE) * 3
     x = x if signed else x.relu()
     upstream = torch.randn(SHAPE)
-    probs, ranges, levels = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.7, 1.5, 2.5, 4.0]), (3, 7, 15, 63)
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])[:k]
+    ranges, levels = torch.tensor([0.7, 1.5, 2.5, 4.0, 3.0])[:k], (3, 7, 15, 63, 255)[:k]
     if signed:
-        levels = (1, 3, 7, 31)
+        levels = (1, 3, 7, 31, 127)[:k]
+    x.view(-1)[::9] = ranges[0]  # ties at a range
+    x.view(-1)[1::9] = 0.0
 
     def run(fn):
         return _grads(lambda a, p, r: fn(a, p, r, levels, signed), x, probs, ranges, upstream=upstream)

@@ -16,6 +16,13 @@
  * LSQ (Esser et al., ICLR 2020), step s per tensor or per outer index (output channel):
  *   y = rint(clamp(x / s, Qn, Qp)) * s
  *   dy/dx = 1[Qn <= x/s <= Qp];  dy/ds = rint(clamp(v, Qn, Qp)) - v * 1[Qn <= v <= Qp],  v = x / s
+ *
+ * Where the compiler targets AVX-512 and there are 1 to 4 candidates (the usual sets), the mixed
+ * activation's forward and its unsigned backward take every candidate in one pass over each block of 16
+ * elements, written with intrinsics (forward_k, backward_unsigned_k): x and g are read and y or gx
+ * written once per element instead of once per candidate, and the candidates' sums stay in registers.
+ * On this 2-core machine that halved the backward (benchmarks/README.md); the operations and their
+ * order are the scalar code's, so the results are the same to the bit (tests/unit/test_native_kernels.py).
  */
 #include <math.h>
 #include <stdint.h>
@@ -72,6 +79,145 @@ static inline void mixed_forward_chunk(const float *restrict x, float *restrict 
     }
 }
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* The unsigned backward with K (1..4) candidates known at compile time, in AVX-512: one pass over the
+ * chunk for all candidates (x and g read, gx written once per element), every candidate's three sums in
+ * registers. Each operation is the scalar code's (max, min, div, round to nearest even, separate multiply
+ * and add, in the same order), so the results equal mixed_backward_chunk_unsigned's. */
+static inline __attribute__((always_inline)) void backward_unsigned_k(
+    const float *restrict g, const float *restrict x, float *restrict gx, int64_t len, const float *p,
+    const float *r, const float *s, const float *levels, const int k, double *sum_p, double *sum_r) {
+    float p_total = 0.0f;
+    for (int i = 0; i < k; i++) p_total += p[i];
+    __m512 acc_a[4], acc_d[4], acc_c[4], rv[4], sv[4], pv[4];
+    for (int i = 0; i < k; i++) {
+        acc_a[i] = acc_d[i] = acc_c[i] = _mm512_setzero_ps();
+        rv[i] = _mm512_set1_ps(r[i]);
+        sv[i] = _mm512_set1_ps(s[i]);
+        pv[i] = _mm512_set1_ps(p[i]);
+    }
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    const __m512 ptot = _mm512_set1_ps(p_total);
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + j), gv = _mm512_loadu_ps(g + j);
+        const __m512 rx = _mm512_max_ps(xv, zero);
+        __m512 dr_sum = zero;
+        for (int i = 0; i < k; i++) {
+            const __m512 u = _mm512_div_ps(_mm512_min_ps(rx, rv[i]), sv[i]);
+            const __m512 rounded = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __mmask16 above = _mm512_cmp_ps_mask(rx, rv[i], _CMP_GT_OQ);
+            const __mmask16 tie = _mm512_cmp_ps_mask(rx, rv[i], _CMP_EQ_OQ);
+            const __m512 dr = _mm512_mask_blend_ps(above, _mm512_maskz_mov_ps(tie, half), one);
+            acc_a[i] = _mm512_add_ps(acc_a[i], _mm512_mul_ps(gv, rounded));
+            acc_d[i] = _mm512_add_ps(acc_d[i], _mm512_mul_ps(gv, _mm512_sub_ps(rounded, u)));
+            acc_c[i] = _mm512_add_ps(acc_c[i], _mm512_mul_ps(gv, dr));
+            dr_sum = _mm512_add_ps(dr_sum, _mm512_mul_ps(pv[i], dr));
+        }
+        const __mmask16 positive = _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ);
+        _mm512_storeu_ps(gx + j, _mm512_mul_ps(gv, _mm512_sub_ps(_mm512_maskz_mov_ps(positive, ptot), dr_sum)));
+    }
+    const int64_t tail = j;
+    for (int i = 0; i < k; i++) {
+        const float ri = r[i], si = s[i];
+        float lanes_a[16], lanes_d[16], lanes_c[16];
+        _mm512_storeu_ps(lanes_a, acc_a[i]);
+        _mm512_storeu_ps(lanes_d, acc_d[i]);
+        _mm512_storeu_ps(lanes_c, acc_c[i]);
+        double a = 0.0, d = 0.0, c = 0.0;
+        for (j = tail; j < len; j++) {
+            const float xj = x[j], gj = g[j];
+            const float rx = xj > 0.0f ? xj : 0.0f;
+            const float u = (rx < ri ? rx : ri) / si, rounded = rintf(u);
+            const float dr = rx > ri ? 1.0f : (rx == ri ? 0.5f : 0.0f);
+            a += gj * rounded;
+            d += gj * (rounded - u);
+            c += gj * dr;
+        }
+        for (int l = 0; l < 16; l++) {
+            a += lanes_a[l];
+            d += lanes_d[l];
+            c += lanes_c[l];
+        }
+        sum_p[i] += (double)si * a;
+        sum_r[i] += c + d / (double)levels[i];
+    }
+    for (j = tail; j < len; j++) {
+        const float rx = x[j] > 0.0f ? x[j] : 0.0f;
+        float dr_sum = 0.0f;
+        for (int i = 0; i < k; i++) dr_sum += p[i] * (rx > r[i] ? 1.0f : (rx == r[i] ? 0.5f : 0.0f));
+        gx[j] = g[j] * ((x[j] > 0.0f ? p_total : 0.0f) - dr_sum);
+    }
+}
+
+/* The forward likewise: all K candidates per block of 16 elements, y written once. */
+static inline __attribute__((always_inline)) void forward_k(const float *restrict x, float *restrict y, int64_t len,
+                                                            const float *p, const float *r, const float *s,
+                                                            const int k, const int sign) {
+    __m512 rv[4], nrv[4], sv[4], pv[4];
+    for (int i = 0; i < k; i++) {
+        rv[i] = _mm512_set1_ps(r[i]);
+        nrv[i] = _mm512_set1_ps(-r[i]);
+        sv[i] = _mm512_set1_ps(s[i]);
+        pv[i] = _mm512_set1_ps(p[i]);
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + j), rx = sign ? xv : _mm512_max_ps(xv, zero);
+        __m512 yv = zero;
+        for (int i = 0; i < k; i++) {
+            const __m512 c = sign ? _mm512_max_ps(_mm512_min_ps(xv, rv[i]), nrv[i]) : _mm512_min_ps(rx, rv[i]);
+            const __m512 level = _mm512_roundscale_ps(_mm512_div_ps(c, sv[i]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            yv = _mm512_add_ps(yv, _mm512_mul_ps(pv[i], _mm512_mul_ps(level, sv[i])));
+        }
+        _mm512_storeu_ps(y + j, yv);
+    }
+    for (; j < len; j++) {
+        y[j] = 0.0f;
+        for (int i = 0; i < k; i++) y[j] += p[i] * (rintf(clip_value(x[j], r[i], sign) / s[i]) * s[i]);
+    }
+}
+
+static int forward_fixed(const float *x, float *y, int64_t len, const float *p, const float *r, const float *s, int k,
+                         int sign) {
+    switch (k) {
+    case 1: forward_k(x, y, len, p, r, s, 1, sign); return 1;
+    case 2: forward_k(x, y, len, p, r, s, 2, sign); return 1;
+    case 3: forward_k(x, y, len, p, r, s, 3, sign); return 1;
+    case 4: forward_k(x, y, len, p, r, s, 4, sign); return 1;
+    default: return 0;
+    }
+}
+
+/* backward_unsigned_k for k = 1..4 (the usual candidate sets); 0 when k has no instance */
+static int backward_unsigned_fixed(const float *g, const float *x, float *gx, int64_t len, const float *p,
+                                   const float *r, const float *s, const float *levels, int k, double *sum_p,
+                                   double *sum_r) {
+    switch (k) {
+    case 1: backward_unsigned_k(g, x, gx, len, p, r, s, levels, 1, sum_p, sum_r); return 1;
+    case 2: backward_unsigned_k(g, x, gx, len, p, r, s, levels, 2, sum_p, sum_r); return 1;
+    case 3: backward_unsigned_k(g, x, gx, len, p, r, s, levels, 3, sum_p, sum_r); return 1;
+    case 4: backward_unsigned_k(g, x, gx, len, p, r, s, levels, 4, sum_p, sum_r); return 1;
+    default: return 0;
+    }
+}
+#else
+static int forward_fixed(const float *x, float *y, int64_t len, const float *p, const float *r, const float *s, int k,
+                         int sign) {
+    (void)x, (void)y, (void)len, (void)p, (void)r, (void)s, (void)k, (void)sign;
+    return 0;
+}
+
+static int backward_unsigned_fixed(const float *g, const float *x, float *gx, int64_t len, const float *p,
+                                   const float *r, const float *s, const float *levels, int k, double *sum_p,
+                                   double *sum_r) {
+    (void)g, (void)x, (void)gx, (void)len, (void)p, (void)r, (void)s, (void)levels, (void)k, (void)sum_p, (void)sum_r;
+    return 0;
+}
+#endif
+
 void mixed_range_forward(const float *x, float *y, int64_t n, const float *p, const float *r,
                          const float *levels, int k, int sign, int threads) {
     float s[MAX_K];
@@ -80,6 +226,8 @@ void mixed_range_forward(const float *x, float *y, int64_t n, const float *p, co
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
+        if (forward_fixed(x + begin, y + begin, len, p, r, s, k, sign))
+            continue;
         if (sign)
             mixed_forward_chunk(x + begin, y + begin, len, p, r, s, k, 1);
         else
@@ -173,6 +321,7 @@ static inline void mixed_backward_chunk_unsigned(const float *restrict g, const 
     for (int64_t j = 0; j < len; j++) gx[j] = g[j] * ((x[j] > 0.0f ? p_total : 0.0f) - gx[j]);
 }
 
+
 void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, const float *p, const float *r,
                           const float *levels, int k, int sign, float *grad_p, float *grad_r, int threads) {
     float s[MAX_K];
@@ -187,7 +336,7 @@ void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, 
             const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
             if (sign)
                 mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 1, local_p, local_r);
-            else
+            else if (!backward_unsigned_fixed(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r))
                 mixed_backward_chunk_unsigned(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r);
         }
 #pragma omp critical
