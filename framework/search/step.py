@@ -41,14 +41,16 @@ class SearchStep:
         self.penalty_mode, self.reference = penalty_mode, float(reference)
         self.logits = [p for n, p in model.named_parameters() if n.endswith(LOGITS)]
         weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
+        # multi-tensor updates (torch picks them by itself on CUDA only): a supernet has hundreds of small
+        # parameters (logits, ranges), and one op per group costs less than one per tensor; same floats
         self.opt_w = torch.optim.SGD(weights, lr=float(scfg.lr_weights), momentum=float(scfg.momentum),
-                                     weight_decay=float(scfg.weight_decay))
+                                     weight_decay=float(scfg.weight_decay), foreach=True)
         if str(scfg.logit_optimizer) == "adam":  # a step of ~lr per logit whatever the gradient's scale (DARTS)
             self.opt_a = torch.optim.Adam(self.logits, lr=float(scfg.lr_logits), betas=(0.5, 0.999),
-                                          weight_decay=float(scfg.logit_weight_decay))
+                                          weight_decay=float(scfg.logit_weight_decay), foreach=True)
         else:
             self.opt_a = torch.optim.SGD(self.logits, lr=float(scfg.lr_logits), momentum=float(scfg.momentum),
-                                         weight_decay=float(scfg.logit_weight_decay))
+                                         weight_decay=float(scfg.logit_weight_decay), foreach=True)
         self.scheduler = None
         sharp = scfg.sharpness
         try:
@@ -71,6 +73,12 @@ class SearchStep:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_w, lambda s: cosine_with_warmup(s, total_steps, 0, 0.0))
 
     def _add_complexity_gradient(self) -> None:
+        if self.lambda_c == 0.0:  # no gradient to add (the default): the terms are recorded without a graph
+            with torch.no_grad():
+                expected = expected_bitops(self.model)
+            self.last_terms["complexity"] = 0.0
+            self.last_terms["expected_gbitops"] = float(expected) / 1e9
+            return
         expected = expected_bitops(self.model)
         penalty = self.lambda_c * complexity_penalty(expected, self.penalty_mode, self.reference)
         if penalty.requires_grad:
