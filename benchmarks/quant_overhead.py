@@ -157,7 +157,8 @@ def mixed_policy(layer_names: list[str], fixed: set[str]) -> dict[str, tuple[int
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    """Every variant's optimizer: multi-tensor SGD, as the framework's (framework.train.optim)."""
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
 
 
 def quant_config(name: str):

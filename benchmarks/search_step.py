@@ -81,7 +81,7 @@ def build_variants(batch_size: int, device: str = "cpu", names: tuple[str, ...] 
     variants = {}
 
     fp = create_model("resnet20", num_classes=10, in_channels=3).to(device)
-    opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9, foreach=True)  # multi-tensor, as the search's
 
     def fp_step():
         opt.zero_grad(set_to_none=True)

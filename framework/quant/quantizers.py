@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from framework.quant import native
 from framework.quant.rounding import round_ste
 
 FULL_PRECISION = 32
@@ -137,9 +138,11 @@ class LSQQuantizer(nn.Module):
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
         grad_scale = 1.0 / math.sqrt(n * qp)
         if self.fused:
+            if native.usable(x):  # the C kernel on the CPU (directly: this runs twice per layer and step)
+                return native.lsq(x, self._view(self.step, x), qn, qp, grad_scale)
             from framework.quant import fused
 
-            if fused.takes_lsq(x):  # the C kernel on the CPU, else compiled for large or CUDA tensors
+            if fused.takes_lsq(x):  # compiled for large or CUDA tensors
                 return fused.fused_lsq(x, self._view(self.step, x), qn, qp, grad_scale)
         return _LSQFunction.apply(x, self.step, qn, qp, grad_scale, self.per_channel)
 
@@ -203,8 +206,6 @@ def mixed_minmax_weight(w: torch.Tensor, probs: torch.Tensor, bits: tuple[int, .
     low_probs = probs[low] if fp else probs
     out = None
     if low:
-        from framework.quant import native
-
         out = native.mixed_minmax(w, low_probs, qps) if fused and native.usable(w) else _MixedMinMaxFunction.apply(w, low_probs, qps)
     for j in fp:
         out = probs[j] * w if out is None else out + probs[j] * w

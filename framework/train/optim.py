@@ -32,11 +32,13 @@ def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
     groups = parameter_groups(model, float(optim_cfg.weight_decay))
     lr = float(optim_cfg.lr)
     if name == "sgd":
+        # foreach: multi-tensor updates on the CPU too (torch picks them by itself on CUDA only), the
+        # same floats with one op per group instead of one per tensor (quantized models have many small ones)
         return torch.optim.SGD(
-            groups, lr=lr, momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov)
+            groups, lr=lr, momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov), foreach=True
         )
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), foreach=True)
     raise MPQError(f"unknown optimizer '{optim_cfg.name}'; choose train.optim.name=sgd or adamw")
 
 
