@@ -227,7 +227,7 @@ def _task(cfg) -> None:
         from framework.dist.launch import should_spawn, spawn_local
 
         if should_spawn(cfg):
-            _report_workers(stage, run_dir, spawn_local(cfg, stage, list(HydraConfig.get().overrides.task), run_dir))
+            _report_workers(stage, run_dir, spawn_local(cfg, stage, list(HydraConfig.get().overrides.task), run_dir), fail)
             return
         get_stage(stage).function(cfg)
     except Interrupted as err:
@@ -249,8 +249,10 @@ def _inside_hydra_slurm_job() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
-def _report_workers(stage: str, run_dir: Path, failure: str | None) -> None:
-    """After `dist.nproc` workers ended: exit as rank 0's result.json says (it printed its own error)."""
+def _report_workers(stage: str, run_dir: Path, failure: str | None, fail) -> None:
+    """After `dist.nproc` workers ended: exit as rank 0's result.json says (it printed its own error);
+    where rank 0 could not say (stopped first, or no result), `fail` writes the launcher's line to
+    result.json and the terminal."""
     import json
 
     result_path = run_dir / "result.json"
@@ -265,7 +267,7 @@ def _report_workers(stage: str, run_dir: Path, failure: str | None) -> None:
     if status != "error":  # rank 0 did not explain it: say what the launcher saw
         notes = sorted(run_dir.glob("rank*.error"))
         detail = f"; {notes[0].name}: {notes[0].read_text().strip()}" if notes else ""
-        print(f"mpq {stage}: error: {failure or 'the workers ended without a result'}{detail}", file=sys.stderr)
+        fail("error", f"{failure or 'the workers ended without a result'}{detail}", 2)
     sys.exit(2)
 
 

@@ -11,8 +11,10 @@ sbatch templates in `slurm/`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -65,9 +67,35 @@ def spawn_local(cfg, stage: str, overrides: list[str], run_dir: Path) -> str | N
     try:
         elastic_launch(config, sys.executable)(*worker_args(stage, overrides, Path(run_dir).resolve()))
     except ChildFailedError as err:
-        failures = sorted(err.failures.items())
-        rank, failure = failures[0]
-        return f"process rank {rank} exited with code {failure.exitcode}"
+        return describe_failure(err.failures, nproc, run_dir)
     except SignalException as err:
         return f"stopped by {err.sigval.name}"
     return None
+
+
+def describe_failure(failures: dict, nproc: int, run_dir: Path) -> str:
+    """One line for the launcher's failed workers (`failures`: rank -> torch elastic's ProcessFailure).
+
+    The cause comes first: a worker the launcher did not stop itself (any exit but SIGTERM, which the
+    launcher sends to the survivors once one worker is gone), then the earliest. A worker killed by
+    a signal in a multi-process run (the OOM killer, a lost node, `kill -9`) is described as the
+    survivors describe it when they see it first (:func:`lost_peer_message`): the survivor may be
+    stopped before it gets to write its own line.
+    """
+    rank, failure = min(failures.items(),
+                        key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
+    if failure.exitcode < 0 and nproc > 1:
+        return lost_peer_message(nproc, f"rank {rank} was killed by {failure.signal_name()}", run_dir)
+    return f"process rank {rank} exited with code {failure.exitcode}"
+
+
+def lost_peer_message(world_size: int, seen: str, run_dir: Path) -> str:
+    """The one line of a run one of whose processes died mid-run: what was seen, the last
+    checkpoint (whatever was committed before), and how to continue."""
+    last = Path(run_dir) / "checkpoints" / "last"
+    try:
+        kept = f"the last checkpoint {last} (step {json.loads((last / 'meta.json').read_text())['step']}) is intact"
+    except (OSError, ValueError, KeyError):
+        kept = "no checkpoint was written yet"
+    return (f"another process of this {world_size}-process run died ({seen}); {kept}; "
+            "run the same command with resume=true to continue")

@@ -3,7 +3,6 @@ the target data (:func:`framework.train.data_parallel.train_on_target`) and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from framework.dist.launch import lost_peer_message
 from framework.dist.process_group import lost_peer_reason, open_process_group
 from framework.errors import MPQError
 from framework.results import Result
@@ -97,10 +97,4 @@ class LostPeer(MPQError):
 def lost_peer_error(ranks, run_dir: Path, reason: str) -> LostPeer:
     """The one-line error of a rank whose peer died mid-run (killed, out of memory, its node gone):
     the collective it waited in failed; the last checkpoint is whatever was committed before."""
-    last = Path(run_dir) / "checkpoints" / "last"
-    try:
-        kept = f"the last checkpoint {last} (step {json.loads((last / 'meta.json').read_text())['step']}) is intact"
-    except (OSError, ValueError, KeyError):
-        kept = "no checkpoint was written yet"
-    return LostPeer(f"another process of this {ranks.world_size}-process run died (rank {ranks.rank} saw "
-                    f"\"{reason}\" in a collective); {kept}; run the same command with resume=true to continue")
+    return LostPeer(lost_peer_message(ranks.world_size, f"rank {ranks.rank} saw \"{reason}\" in a collective", run_dir))
