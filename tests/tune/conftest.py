@@ -14,7 +14,6 @@ TINY_TRIAL = [
     "proxy.per_class=15",        # 150 MNIST images: 10 steps of 15 per epoch
     "proxy.test_fraction=0.02",  # 200 validation images
     "search.batch_size=15",
-    "search.quant.fused=false",  # no kernel compilation in every fresh worker
     "tune.cpus_per_trial=1",
     "tune.max_concurrent=2",
 ]
