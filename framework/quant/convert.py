@@ -13,7 +13,7 @@ from torch import nn
 
 from framework.quant.cost import LayerCost
 from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear
-from framework.quant.quantizers import FULL_PRECISION, LSQQuantizer
+from framework.quant.quantizers import FULL_PRECISION, LearnedRangeActQuantizer, LSQQuantizer
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -101,7 +101,7 @@ def disable_fused_kernels(model: nn.Module) -> int:
     """
     switched = 0
     for module in model.modules():
-        if isinstance(module, (LSQQuantizer, SearchConv2d, SearchLinear)) and module.fused:
+        if isinstance(module, (LSQQuantizer, LearnedRangeActQuantizer, SearchConv2d, SearchLinear)) and module.fused:
             module.fused = False
             switched += 1
     return switched

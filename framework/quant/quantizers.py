@@ -138,11 +138,9 @@ class LSQQuantizer(nn.Module):
         n = x.numel() / (self.step.numel() if self.per_channel else 1)
         grad_scale = 1.0 / math.sqrt(n * qp)
         if self.fused:
-            if native.usable(x):  # the C kernel on the CPU (directly: this runs twice per layer and step)
-                return native.lsq(x, self._view(self.step, x), qn, qp, grad_scale)
             from framework.quant import fused
 
-            if fused.takes_lsq(x):  # compiled for large or CUDA tensors
+            if fused.takes_lsq(x):  # the C kernel on the CPU, else compiled for large or CUDA tensors
                 return fused.fused_lsq(x, self._view(self.step, x), qn, qp, grad_scale)
         return _LSQFunction.apply(x, self.step, qn, qp, grad_scale, self.per_channel)
 
@@ -246,9 +244,10 @@ class _LearnedRangeFunction(torch.autograd.Function):
 class LearnedRangeActQuantizer(nn.Module):
     """PACT-style activation quantizer on [0, r] (or [-r, r] for signed inputs), r learned."""
 
-    def __init__(self, bits: int, init_range: float = 6.0, signed: bool | None = None):
+    def __init__(self, bits: int, init_range: float = 6.0, signed: bool | None = None, fused: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
+        self.fused = fused  # the C kernel on the CPU: the supernet's mix with one candidate (native)
         self.range = nn.Parameter(torch.tensor(float(init_range)))
         self.register_buffer("signed", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self._signed = int(self.signed)
@@ -269,8 +268,15 @@ class LearnedRangeActQuantizer(nn.Module):
             self._signed = int(self.signed)
         signed = bool(self._signed)
         levels = 2 ** (self.bits - 1) - 1 if signed else 2**self.bits - 1
+        if self.fused and native.usable(x) and native.takes_params(self.range):
+            # one call instead of abs, add and five element-wise passes each way; the same values
+            # (softmax of one logit is 1 exactly); at x = r exactly it splits the gradient between x
+            # and r as torch.minimum does, where this function gives it all to r
+            return native.mixed_learned_range_of_params(x, _ONE_LOGIT, [self.range], (levels,), signed)
         return _LearnedRangeFunction.apply(x, self.range.abs() + 1e-8, levels, signed)
 
+
+_ONE_LOGIT = torch.zeros(1)  # the mixing weight of a single candidate: softmax gives 1.0 exactly
 
 WEIGHT_QUANTIZERS = ("lsq", "minmax")
 ACT_QUANTIZERS = ("lsq", "learned_range")
@@ -290,5 +296,5 @@ def make_act_quantizer(kind: str, bits: int, init_range: float = 6.0, fused: boo
     if kind == "lsq":
         return LSQQuantizer(bits, signed=None, fused=fused)
     if kind == "learned_range":
-        return LearnedRangeActQuantizer(bits, init_range=init_range)
+        return LearnedRangeActQuantizer(bits, init_range=init_range, fused=fused)
     raise ValueError(f"unknown activation quantizer '{kind}'; choose one of {ACT_QUANTIZERS}")

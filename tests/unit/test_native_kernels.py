@@ -16,7 +16,7 @@ from framework.models import create_model
 from framework.quant import build_supernet, native, quantize_model, trace_layers
 from framework.quant.fused import fused_lsq, fused_mixed_learned_range, lsq_fake_quant, mixed_learned_range
 from framework.quant.layers import SearchConv2d
-from framework.quant.quantizers import mixed_minmax_weight
+from framework.quant.quantizers import LearnedRangeActQuantizer, mixed_minmax_weight
 from framework.search.step import SearchStep
 from framework.sharpness import TwoPassOptimizer, build_rule
 from tests.conftest import compose_config
@@ -94,6 +94,28 @@ def test_the_mixes_with_their_logits_and_ranges_in_the_call_equal_the_plain_ops(
     assert torch.equal(out, ref)
     assert torch.allclose(grads[0], ref_grads[0], atol=1e-6)
     assert torch.allclose(grads[1], ref_grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_fixed_learned_range_quantizer_with_the_c_kernel_equals_its_eager_op(signed):
+    """The supernet's fixed 8-bit layers quantize their input with one learned range: with `fused`
+    that is the mix kernel with one candidate, the same output bit for bit and the same gradients
+    (no input lies exactly on the range, where the two split the gradient differently)."""
+    torch.manual_seed(6)
+    x = torch.randn(SHAPE) * 2
+    x = x if signed else x.relu()
+    upstream = torch.randn(SHAPE)
+    outs = []
+    for fused in (True, False):
+        quantizer = LearnedRangeActQuantizer(8, init_range=-2.5, signed=signed, fused=fused)  # a negative rho
+        leaf = x.clone().requires_grad_()
+        out = quantizer(leaf)
+        (out * upstream).sum().backward()
+        outs.append((out.detach(), leaf.grad, quantizer.range.grad))
+    (out, gx, gr), (ref, ref_gx, ref_gr) = outs
+    assert torch.equal(out, ref)
+    assert torch.allclose(gx, ref_gx, atol=1e-6)
+    assert torch.allclose(gr, ref_gr, rtol=1e-4, atol=1e-4) and float(gr) != 0.0
 
 
 def _supernet_layer(overrides=()):
