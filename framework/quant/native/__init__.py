@@ -5,8 +5,17 @@ in the backward (nine reductions, each with a cascade-summation helper), and eac
 pays for dynamo's guards and wrappers (benchmarks/quant_overhead.py --profile). The C kernels do
 the forward in one pass and the backward in one pass per chunk of 2048 elements, all candidates'
 sums kept in L1, parallel over chunks with OpenMP (torch's own runtime, already loaded) and
-vectorised by the compiler (reductions into 16 partial sums, vector registers). Built without
-fused multiply-adds (`-ffp-contract=off`), the forward passes equal the plain torch ops bit for bit.
+vectorised by the compiler (reductions into 16 partial sums, vector registers); with AVX-512 and
+1-4 candidates, the mixed activation takes every candidate in one pass over each 16 elements
+(intrinsics, the same operations in the same order). Built without fused multiply-adds
+(`-ffp-contract=off`), the forward passes equal the plain torch ops bit for bit.
+
+Around the kernels, each small torch op costs tens of microseconds on a 2-core CPU: the first op
+after a large kernel runs with the caches that kernel flushed (measured: 35-54 us for a 4-element
+`.to()` right after a convolution, 2.4 us for the next one). So a supernet layer's mixes take the
+softmax of their logits and the ranges' `|rho| + 1e-8` in the same call, and return the logits' and
+ranges' gradients from it (`mixed_learned_range_of_params`, `mixed_minmax_of_logits`): one autograd
+node per mix instead of six, 0.11x of a full-precision step less (benchmarks/README.md).
 
 The library is compiled on first use with the C compiler (`$CC`, else `cc`/`gcc`) at -O3 for the
 machine's own CPU and kept under `$TORCH_EXTENSIONS_DIR/mpq_quant_kernels/<key>/`: the key hashes
@@ -300,9 +309,8 @@ def mixed_minmax(w: torch.Tensor, probs: torch.Tensor, qps: torch.Tensor) -> tor
 
 
 # -- the supernet's mixes with the softmax of their logits (and the ranges' |rho| + 1e-8) in the call ------
-# One autograd node per mix instead of five or six: the small ops around the kernels (softmax, stack,
-# abs, add, their backward nodes) each cost tens of microseconds on a CPU whose caches the large kernels
-# have just flushed, more than the arithmetic they do (benchmarks/README.md, "the small ops").
+# One autograd node per mix instead of five or six (module docstring): the softmax itself stays torch's,
+# one call without a node, so the outputs equal the plain ops' bit for bit.
 
 
 def takes_params(*params: torch.Tensor) -> bool:
