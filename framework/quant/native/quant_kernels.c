@@ -79,6 +79,10 @@ static inline void mixed_forward_chunk(const float *restrict x, float *restrict 
     }
 }
 
+static inline void mixed_backward_chunk_unsigned(const float *restrict g, const float *restrict x, float *restrict gx,
+                                                 int64_t len, const float *p, const float *r, const float *s,
+                                                 const float *levels, int k, double *sum_p, double *sum_r);
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 /* The unsigned backward with K (1..4) candidates known at compile time, in AVX-512: one pass over the
@@ -118,37 +122,22 @@ static inline __attribute__((always_inline)) void backward_unsigned_k(
         const __mmask16 positive = _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ);
         _mm512_storeu_ps(gx + j, _mm512_mul_ps(gv, _mm512_sub_ps(_mm512_maskz_mov_ps(positive, ptot), dr_sum)));
     }
-    const int64_t tail = j;
     for (int i = 0; i < k; i++) {
-        const float ri = r[i], si = s[i];
         float lanes_a[16], lanes_d[16], lanes_c[16];
         _mm512_storeu_ps(lanes_a, acc_a[i]);
         _mm512_storeu_ps(lanes_d, acc_d[i]);
         _mm512_storeu_ps(lanes_c, acc_c[i]);
         double a = 0.0, d = 0.0, c = 0.0;
-        for (j = tail; j < len; j++) {
-            const float xj = x[j], gj = g[j];
-            const float rx = xj > 0.0f ? xj : 0.0f;
-            const float u = (rx < ri ? rx : ri) / si, rounded = rintf(u);
-            const float dr = rx > ri ? 1.0f : (rx == ri ? 0.5f : 0.0f);
-            a += gj * rounded;
-            d += gj * (rounded - u);
-            c += gj * dr;
-        }
         for (int l = 0; l < 16; l++) {
             a += lanes_a[l];
             d += lanes_d[l];
             c += lanes_c[l];
         }
-        sum_p[i] += (double)si * a;
+        sum_p[i] += (double)s[i] * a;
         sum_r[i] += c + d / (double)levels[i];
     }
-    for (j = tail; j < len; j++) {
-        const float rx = x[j] > 0.0f ? x[j] : 0.0f;
-        float dr_sum = 0.0f;
-        for (int i = 0; i < k; i++) dr_sum += p[i] * (rx > r[i] ? 1.0f : (rx == r[i] ? 0.5f : 0.0f));
-        gx[j] = g[j] * ((x[j] > 0.0f ? p_total : 0.0f) - dr_sum);
-    }
+    if (j < len)  /* the last chunk's ragged end: the per-candidate code */
+        mixed_backward_chunk_unsigned(g + j, x + j, gx + j, len - j, p, r, s, levels, k, sum_p, sum_r);
 }
 
 /* The forward likewise: all K candidates per block of 16 elements, y written once. */
@@ -174,10 +163,8 @@ static inline __attribute__((always_inline)) void forward_k(const float *restric
         }
         _mm512_storeu_ps(y + j, yv);
     }
-    for (; j < len; j++) {
-        y[j] = 0.0f;
-        for (int i = 0; i < k; i++) y[j] += p[i] * (rintf(clip_value(x[j], r[i], sign) / s[i]) * s[i]);
-    }
+    if (j < len)
+        mixed_forward_chunk(x + j, y + j, len - j, p, r, s, k, sign);
 }
 
 static int forward_fixed(const float *x, float *y, int64_t len, const float *p, const float *r, const float *s, int k,
