@@ -44,6 +44,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,38 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# -- quiet between measurements ------------------------------------------------------------------------
+
+def process_cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all its threads) and its live children (psutil)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited in between
+            pass
+    return total
+
+
+def settle(window: float = 0.2, idle: float = 0.05, limit: float = 15.0) -> float:
+    """Wait until this process and its children are idle, so that work left running by one measured
+    side (a DataLoader's worker processes finishing the batches they had prefetched, a loader thread
+    finishing its batch) is not timed as part of the next side. Idle: less than `idle` of one core
+    used over `window` seconds. Returns the seconds waited (at most about `limit`)."""
+    started = time.perf_counter()
+    last = process_cpu_seconds()
+    while time.perf_counter() - started < limit:
+        time.sleep(window)
+        now = process_cpu_seconds()
+        if now - last < idle * window:
+            break
+        last = now
+    return time.perf_counter() - started
 
 
 # -- peak memory of one step ----------------------------------------------------------------------------

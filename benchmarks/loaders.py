@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import figure, make_result, write_json  # noqa: E402
+from benchmarks.common import figure, make_result, settle, write_json  # noqa: E402
 
 TARGET = 2.0  # min images/s of FFCV over torchvision, in every round
 TARGET_MEDIAN = 2.2  # min images/s of FFCV over torchvision, between the medians of the rounds
@@ -119,13 +119,16 @@ def measure(loader, epoch: int, warmup: int, batches: int) -> float:
 
 
 def decode_bound(beton: str, args: argparse.Namespace) -> float:
-    """Images per second of FFCV's `RandomResizedCropRGBImageDecoder` alone on `beton` (uint8 batches)."""
-    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    """Images per second of the loader's random-resized-crop decoder alone on `beton` (uint8 batches):
+    `framework.data.ffcv_ops.AreaRandomResizedCrop`, FFCV's decoder with the faster area resize."""
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
+    from framework.data.ffcv_ops import AreaRandomResizedCrop
+
     loader = Loader(beton, batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM, seed=0,
-                    drop_last=True, pipelines={"image": [RandomResizedCropRGBImageDecoder((args.size, args.size)), ToTensor()],
+                    drop_last=True, pipelines={"image": [AreaRandomResizedCrop((args.size, args.size)), ToTensor()],
                                                "label": [IntDecoder(), ToTensor()]})
     it = iter(loader)
     try:
@@ -161,12 +164,19 @@ def main() -> int:
     print(f"{len(dataset)} JPEGs in {args.root}/train, batch {args.batch_size}, RandomResizedCrop {args.size}, "
           f"{args.workers} workers; {args.warmup} warm-up + {args.batches} timed batches x {args.rounds} rounds")
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    settled: dict[str, list[float]] = {side: [] for side in SIDES}
+    settle()  # building the loaders and the beton check leave nothing running, but make sure
     for r in range(args.rounds):
         order = SIDES if r % 2 == 0 else SIDES[::-1]
         for side in order:
             rate = measure(loaders[side], epoch=r + 1, warmup=args.warmup, batches=args.batches)
             rates[side].append(rate)
-            print(f"  round {r + 1}  {side:<6} {rate:8.1f} images/s", flush=True)
+            # the side just timed may still be working (torch's workers finish the batches they had
+            # prefetched, FFCV's thread its current batch): wait, so the next side is timed alone
+            waited = settle()
+            settled[side].append(waited)
+            print(f"  round {r + 1}  {side:<6} {rate:8.1f} images/s  (busy {waited:.1f} s after its last batch)",
+                  flush=True)
     median = {side: statistics.median(rates[side]) for side in SIDES}
     ratio = median["ffcv"] / median["torch"]
     per_round = [f / t for f, t in zip(rates["ffcv"], rates["torch"], strict=True)]
@@ -193,7 +203,7 @@ def main() -> int:
         write_json(args.json, make_result(
             "loaders", figures, images=len(dataset), batch_size=args.batch_size, size=args.size,
             workers=args.workers, batches=args.batches, warmup=args.warmup, rounds=args.rounds,
-            images_per_s=rates, median=median, ratio=ratio, ratio_per_round=per_round,
+            images_per_s=rates, settle_s=settled, median=median, ratio=ratio, ratio_per_round=per_round,
             target={"every_round": TARGET, "median": TARGET_MEDIAN}, decode_bound=bound,
             cores=len(os.sched_getaffinity(0)),
             versions={p: metadata.version(p) for p in ("torch", "torchvision", "ffcv", "pillow")},

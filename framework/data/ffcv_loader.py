@@ -30,7 +30,8 @@ Pipelines (decoding and augmentation in FFCV's compiled code, the last steps in 
   `RandomCrop(28, padding=2)`) and, for Fashion-MNIST, a horizontal flip;
 - natural images (ImageFolder): training `RandomResizedCropRGBImageDecoder` (scale 0.08-1, ratio
   3/4-4/3, as torchvision's) and a flip; evaluation `CenterCropRGBImageDecoder` with ratio 0.875 (the
-  torch path's resize to `size / 0.875` and centre crop);
+  torch path's resize to `size / 0.875` and centre crop); both as their faster equivalents of
+  :mod:`framework.data.ffcv_ops` (the same bytes);
 - then `ToTensor`, `ToDevice` when CUDA is available, `ToTorchImage`, and :class:`ToModelInput`:
   channels (`data.channels`: gray datasets take their stored channel back, bit for bit; RGB photos
   become gray with torchvision's weights), scaling to [0, 1], resizing digits to `data.input_size`,
@@ -98,12 +99,7 @@ def _device() -> torch.device | None:
 
 def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, list]:
     """FFCV pipelines for the `image` and `label` fields (training or evaluation transforms)."""
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        RandomResizedCropRGBImageDecoder,
-        SimpleRGBImageDecoder,
-    )
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import (
         RandomHorizontalFlip,
         RandomTranslate,
@@ -125,11 +121,13 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
                 image.append(RandomHorizontalFlip())
         resize = size if size != spec.native_size else None
     else:
+        from framework.data.ffcv_ops import AreaCenterCrop, AreaRandomResizedCrop
+
         size = int(data_cfg.input_size or 224)
         if augment:
-            image = [RandomResizedCropRGBImageDecoder((size, size))]
+            image = [AreaRandomResizedCrop((size, size))]
         else:
-            image = [CenterCropRGBImageDecoder((size, size), ratio=0.875)]
+            image = [AreaCenterCrop((size, size), ratio=0.875)]
     device = _device()
     to_device = [ToDevice(device, non_blocking=True)] if device is not None else []
     norm = _normalise(spec, channels)
