@@ -9,14 +9,19 @@ framework builds them for ``data=imagefolder`` training (``framework.data.build_
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (``framework.data.transforms``);
 - ``ffcv``: ``data.loader=ffcv`` on a beton written by ``mpq prepare`` in JPEG mode at the tree's own
   resolution and quality (``data.ffcv.write.mode=jpg``, ``max_resolution=null``, quality 90, the
-  tree's), so both sides decode full-size JPEGs; libjpeg-turbo decodes, then
-  ``RandomResizedCropRGBImageDecoder(224)``, ``RandomHorizontalFlip``, and the same normalisation
+  tree's), so both sides decode full-size JPEGs; libjpeg-turbo decodes, then FFCV's random-resized
+  crop (``framework.data.ffcv_ops.AreaRandomResizedCrop``: FFCV's decoder, byte for byte, with a
+  faster area resize), the flip and the same normalisation in one pass
   (``framework.data.ffcv_loader``), with ``--workers`` decoding threads.
 
 Same samples (the framework's sampler, same seed), same batch size, same crop size, same worker
 count, both yielding normalised float batches. Each side takes ``--warmup`` batches (worker start-up,
 FFCV's JIT compilation), then ``--batches`` batches are timed with ``time.perf_counter()``. The sides
 alternate over ``--rounds`` rounds (the first side rotating) and the median per side is reported.
+After each side the script waits until the process and its children are idle
+(``benchmarks.common.settle``): torch's persistent workers go on decoding the batches they had
+prefetched (about 1 s of both cores here) and FFCV's thread finishes its batch, which would
+otherwise be timed as part of the other side. The waits are printed and stored (``settle_s``).
 The beton is written on the first run (``prepare`` skips it afterwards) and is not timed.
 
     .venv/bin/python scripts/make_imagenet_like.py                  # once: data/imagenet_like
