@@ -23,7 +23,8 @@ handed back to the system (``malloc_trim``) so the baseline is the live memory, 
 allocator kept. Each variant is measured in a fresh process (:func:`memory_in_fresh_process`), so
 one variant's allocations neither hide nor inflate another's.
 
-Run as a script it marks a result file as skipped or failed (``scripts/bench.sh`` does, so a
+Run as a script it waits until the machine is idle (``idle``: ``scripts/bench.sh`` does before each
+script), marks a result file as skipped or failed (``scripts/bench.sh`` does, so a
 benchmark that did not run never leaves older figures in the report), or turns a pytest run's JUnit
 XML into a result file (``scripts/gpu_check.sh``, for the tests marked ``gpu``)::
 
@@ -188,6 +189,31 @@ def settle(window: float = 0.2, idle: float = 0.05, limit: float = 15.0) -> floa
             break
         last = now
     return time.perf_counter() - started
+
+
+def machine_busy_fraction(window: float = 1.0) -> float:
+    """The share of all cores' time not idle over `window` seconds (Linux /proc/stat, every process)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(busy: float = 0.10, limit: float = 60.0) -> tuple[float, float]:
+    """Before a benchmark script: wait until the whole machine is idle (under `busy` of its cores
+    over 1 s), so the processes a previous script left shutting down (Ray, DeepSpeed workers) or any
+    other load are not timed with it. Returns (seconds waited, last busy fraction); gives up after
+    about `limit` seconds."""
+    started = time.perf_counter()
+    fraction = machine_busy_fraction()
+    while fraction > busy and time.perf_counter() - started < limit:
+        fraction = machine_busy_fraction()
+    return time.perf_counter() - started, fraction
 
 
 # -- peak memory of one step ----------------------------------------------------------------------------
@@ -371,7 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     junit.add_argument("path", type=Path)
     junit.add_argument("--benchmark", default=None, help="default: the file name without .json")
     junit.add_argument("--run", default=None, help="the pytest command that was run")
+    idle = sub.add_parser("idle", help="wait until the machine is idle (at most --limit seconds), print how long it took")
+    idle.add_argument("--busy", type=float, default=0.10, help="the busy share of all cores that counts as idle")
+    idle.add_argument("--limit", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if args.command == "idle":
+        waited, fraction = wait_until_idle(args.busy, args.limit)
+        print(f"idle after {waited:.1f} s ({100 * fraction:.0f} % busy)" if fraction <= args.busy
+              else f"still {100 * fraction:.0f} % busy after {waited:.1f} s; going on")
+        return 0
     benchmark = args.benchmark or args.path.stem
     command = [args.run] if args.run else [f"benchmarks/{benchmark}.py"]
     if args.command == "junit":

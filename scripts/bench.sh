@@ -16,6 +16,8 @@
 #   onnx_bias, search_decisiveness: not run (they read another run's outputs; the report says so)
 # The progress lines give each script's time: adjust these settings if a machine needs it.
 #
+# Before each script the machine must be idle (under 10 % busy over 1 s, waiting at most a minute;
+# the progress line says how long it took).
 # MPQ_BENCH_ONLY="quant_overhead loaders" runs only those (the others' result files are kept).
 # A script that fails or runs over its limit leaves a result file saying so, never older figures;
 # the exit status is then 1 (after the report). Missed targets are figures, not failures.
@@ -42,6 +44,9 @@ bench() {
   shift 3
   wanted "$name" || return 0
   local json="benchmarks/results/$name.json" log="$LOGS/$name.log" t0=$SECONDS rc=0
+  # the previous script's processes (Ray, DeepSpeed workers) may still be shutting down: not timed here
+  say "$name: $("$PY" benchmarks/common.py idle --limit 60)"
+  t0=$SECONDS
   say "$name: started (about $about) $*"
   timeout --kill-after=30 "$((limit * 60))" "$PY" "benchmarks/$name.py" "$@" --json "$json" >"$log" 2>&1 || rc=$?
   local took; took="$(clock $((SECONDS - t0)))"

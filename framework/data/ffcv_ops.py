@@ -10,9 +10,9 @@ draws) with two changes that leave every output byte as it was:
   fewer passes (about half its time); other crops still go through FFCV's OpenCV call;
 - a JPEG is decoded into memory allocated for that image (reused by the allocator from one image to
   the next), not into a slot of a per-batch buffer of `batch_size x` the largest image of the
-  dataset that FFCV allocates anew, with `batches_ahead + 2` batches of them, every epoch (about
-  0.5 GB per epoch for a 128-image batch of ~420 x 420 photos; first touching it cost ~1.6 ms per
-  image here).
+  dataset that FFCV allocates anew, with `batches_ahead + 2` batches of them, every epoch (810 MiB
+  per epoch for 128-image batches when the largest photo is 666 x 664; first touching fresh memory
+  cost ~1.6 ms per image here).
 
 After the decoder, FFCV's stock pipeline for a training photo makes three passes over every batch:
 `RandomHorizontalFlip` (a copy, flipped or not), `NormalizeImage` (a lookup table from uint8 to
