@@ -43,7 +43,7 @@ bench() {
   local name=$1 limit=$2 about=$3
   shift 3
   wanted "$name" || return 0
-  local json="benchmarks/results/$name.json" log="$LOGS/$name.log" t0=$SECONDS rc=0
+  local json="benchmarks/results/$name.json" log="$LOGS/$name.log" t0 rc=0
   # the previous script's processes (Ray, DeepSpeed workers) may still be shutting down: not timed here
   say "$name: $("$PY" benchmarks/common.py idle --limit 60)"
   t0=$SECONDS
