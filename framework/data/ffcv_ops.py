@@ -7,7 +7,8 @@ draws) with two changes that leave every output byte as it was:
 
 - a crop at least the output size along both axes is resized by
   :func:`framework.data.area_resize.resize_area_crop`, the same arithmetic as OpenCV's INTER_AREA in
-  fewer passes (about half its time); other crops still go through FFCV's OpenCV call;
+  fewer passes (about half its time), compiled on its own so that the fast-math flags FFCV compiles
+  this stage with cannot reach it; other crops still go through FFCV's OpenCV call;
 - a JPEG is decoded into memory allocated for that image (reused by the allocator from one image to
   the next), not into a slot of a per-batch buffer of `batch_size x` the largest image of the
   dataset that FFCV allocates anew, with `batches_ahead + 2` batches of them, every epoch (810 MiB
@@ -41,7 +42,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from framework.data.area_resize import generic_area_case, resize_area_crop
+from framework.data.area_resize import resize_area_crop
 
 
 def normalisation_table(mean_255: np.ndarray, std_255: np.ndarray) -> np.ndarray:
@@ -105,7 +106,6 @@ class _AreaResizeDecoding:
         draw_crop = Compiler.compile(self.get_crop_generator)  # type: ignore[attr-defined]
         scale = np.zeros(2) if self.scale is None else np.asarray(self.scale, dtype=np.float64)  # type: ignore[attr-defined]
         ratio = np.asarray(self.ratio, dtype=np.float64) if isinstance(self.ratio, tuple) else float(self.ratio)  # type: ignore[attr-defined]
-        out_height, out_width = int(self.output_size[0]), int(self.output_size[1])  # type: ignore[attr-defined]
 
         def decode_crop_resize(indices, destination, metadata, storage_state):
             for i in samples(len(indices)):
@@ -119,9 +119,7 @@ class _AreaResizeDecoding:
                 else:
                     image = data.reshape(height, width, 3)
                 top, left, crop_height, crop_width = draw_crop(height, width, scale, ratio)
-                if generic_area_case(crop_height, crop_width, out_height, out_width):
-                    resize_area_crop(image, top, top + crop_height, left, left + crop_width, destination[i])
-                else:
+                if not resize_area_crop(image, top, top + crop_height, left, left + crop_width, destination[i]):
                     opencv_resize(image, top, top + crop_height, left, left + crop_width, destination[i])
             return destination[:len(indices)]
 
