@@ -42,6 +42,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,20 @@ def figure(name: str, value: float | bool | None, unit: str = "",
         entry["target"] = {"op": op, "value": limit}
         entry["met"] = meets(value, op, limit)
     return entry
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """The median over rounds of `times[r] / reference[r]`: a variant against the reference (the
+    full-precision step) timed in the same round, seconds apart.
+
+    On a shared machine the load drifts over a run (in one `make bench` of 2026-12-03 the
+    full-precision step's means in three consecutive rounds were 276, 343 and 298 ms); a slow spell that falls on one variant's block in
+    one round inflates the ratio of that round only, and the median over rounds sets it aside,
+    where a ratio of two medians taken over all rounds pairs blocks from different moments.
+    """
+    if not times or len(times) != len(reference):
+        raise ValueError(f"{len(times)} round times against {len(reference)} reference times: one per round each")
+    return float(statistics.median(t / ref for t, ref in zip(times, reference, strict=True)))
 
 
 def make_result(benchmark: str, figures: list[dict[str, Any]], status: str = "ok", reason: str | None = None,

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# `make bench`: every benchmark of benchmarks/ with settings that fit in about 10 minutes on an
+# `make bench`: every benchmark of benchmarks/ with settings that fit in about 12 minutes on an
 # otherwise idle 2-core machine, each script's figures into benchmarks/results/<script>.json (with the
 # machine), then BENCHMARKS.md (benchmarks/report.py). One progress line per script with its time;
 # each script's output goes to outputs/bench/<script>.log.
 #
 # Settings (against each script's defaults) and the time each takes here (estimates for 2 idle
 # cores; each fresh process for memory pays its imports and the fused kernels' compilation, 20-50 s):
-#   quant_overhead  3 rounds x 5 steps (default 10), with the torch.compile kernels side by side
-#                   (--compare-compiled), + 3 fresh processes for memory                ~1.5 min
-#   search_step     3 rounds x 5 steps (default 10), + 5 fresh processes for memory   ~2 min
+#   quant_overhead  7 rounds x 5 steps (default 3 x 10), with the torch.compile kernels side by side
+#                   (--compare-compiled), + 3 fresh processes for memory                ~2 min
+#   search_step     7 rounds x 5 steps (default 3 x 10), + 5 fresh processes for memory ~2.5 min
+#                   (their ratios are medians over rounds: 7 rounds of 5 steps leave a slow spell in
+#                   one or two rounds aside, where 3 rounds of 10 steps could not)
 #   loaders         defaults (30 batches x 2 rounds, batch 128)                        ~1 min
 #                   (+ ~3 min once: the JPEG tree data/imagenet_like and its beton)
 #   ddp_scaling     2 rounds x 4 steps after 1 warm-up (default 10 after 3)             ~1.5 min
@@ -65,9 +67,9 @@ bench() {
   FAILED+=("$name")
 }
 
-say "every benchmark, about 10 minutes on 2 idle cores; logs in $LOGS"
-bench quant_overhead 8 "1.5 min" --rounds 3 --steps 5 --warmup 3 --compare-compiled
-bench search_step 12 "2 min" --rounds 3 --steps 5
+say "every benchmark, about 12 minutes on 2 idle cores; logs in $LOGS"
+bench quant_overhead 8 "2 min" --rounds 7 --steps 5 --warmup 3 --compare-compiled
+bench search_step 12 "2.5 min" --rounds 7 --steps 5
 
 if wanted loaders && [ ! -d "$TREE/train" ]; then
   say "loaders: building the JPEG tree it reads, once ($TREE: 22,000 images, 1.1 GB, about 2 min)"

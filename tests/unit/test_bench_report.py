@@ -78,6 +78,19 @@ def test_figures_meet_their_targets_or_say_they_were_not_measured():
         common.figure("a", 1.0, "x", ("<", 1.0))
 
 
+def test_a_ratio_pairs_rounds_so_a_slow_spell_in_one_round_is_set_aside():
+    """Each round's variant time over the reference time of the same round, median over rounds: the
+    machine slowing both in round 2 leaves the ratio exact, and a spell that slows the variant alone
+    in one of five rounds does not move it."""
+    reference = [0.25, 0.40, 0.26, 0.27, 0.25]  # round 2 ran on a busy machine
+    variant = [1.1 * t for t in reference]
+    assert common.paired_ratio(variant, reference) == pytest.approx(1.1)
+    spell = [*variant[:3], 2.0 * variant[3], variant[4]]
+    assert common.paired_ratio(spell, reference) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="one per round"):
+        common.paired_ratio([0.3, 0.3], [0.25])
+
+
 def test_machine_info_names_the_machine():
     info = common.machine_info()
     assert set(info) >= {"cpu_model", "cores", "torch", "date", "cuda_device"}
