@@ -1,6 +1,6 @@
 # The two commands of the README: `make run` (set-up, then the default pipeline) and
 # `make test` (set-up, lint, then the test suite inside a loopback-only network namespace);
-# `make bench` runs every benchmark (about 10 minutes on 2 cores) and writes BENCHMARKS.md.
+# `make bench` runs every benchmark (about 12 minutes on 2 cores) and writes BENCHMARKS.md.
 VENV := .venv
 MPQ := $(VENV)/bin/mpq
 
