@@ -129,18 +129,25 @@ def figure(name: str, value: float | bool | None, unit: str = "",
     return entry
 
 
-def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
-    """The median over rounds of `times[r] / reference[r]`: a variant against the reference (the
-    full-precision step) timed in the same round, seconds apart.
-
-    On a shared machine the load drifts over a run (in one `make bench` of 2026-12-03 the
-    full-precision step's means in three consecutive rounds were 276, 343 and 298 ms); a slow spell that falls on one variant's block in
-    one round inflates the ratio of that round only, and the median over rounds sets it aside,
-    where a ratio of two medians taken over all rounds pairs blocks from different moments.
-    """
+def round_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """`times[r] / reference[r]` for every round r: a variant against the reference timed in the same
+    round."""
     if not times or len(times) != len(reference):
         raise ValueError(f"{len(times)} round times against {len(reference)} reference times: one per round each")
-    return float(statistics.median(t / ref for t, ref in zip(times, reference, strict=True)))
+    return [t / ref for t, ref in zip(times, reference, strict=True)]
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """The median of :func:`round_ratios`: a variant against the reference (the full-precision step)
+    timed in the same round, seconds apart.
+
+    On a shared machine the load drifts over a run (in one `make bench` of 2026-12-03 the
+    full-precision step's means in three consecutive rounds were 276, 343 and 298 ms); a slow spell
+    that falls on one variant's block in one round inflates the ratio of that round only, and the
+    median over rounds sets it aside, where a ratio of two medians taken over all rounds pairs blocks
+    from different moments.
+    """
+    return float(statistics.median(round_ratios(times, reference)))
 
 
 def make_result(benchmark: str, figures: list[dict[str, Any]], status: str = "ok", reason: str | None = None,

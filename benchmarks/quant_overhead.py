@@ -20,8 +20,9 @@ Every variant is warmed up (which also initialises the LSQ step sizes), then the
 in interleaved rounds (the order rotates from round to round). Each variant's ratio to full
 precision is the median over rounds of its round's mean step time over the full-precision step's in
 the same round (``benchmarks.common.paired_ratio``), against the targets fixed <= 1.10x and
-supernet <= 1.15x; the median step times over all timed steps, and their ratio, are reported too. Absolute milliseconds depend on the machine and its load; on shared machines only
-the ratios measured side by side in one run are meaningful.
+supernet <= 1.15x; the median step times over all timed steps, and their ratio, are reported too.
+Absolute milliseconds depend on the machine and its load; on shared machines only the ratios
+measured side by side in one run are meaningful.
 
 Peak memory: each variant's step is then measured again in a fresh process of this script
 (``--memory-only <variant>``): after the warm-up, the peak memory of one step over the memory live
@@ -71,8 +72,8 @@ from benchmarks.common import (  # noqa: E402
     figure,
     make_result,
     measure_memory,
-    paired_ratio,
     print_memory,
+    round_ratios,
     step_memory,
     synchronizer,
     write_json,
@@ -320,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     measure(variants, steps, args)
 
     fp = variants[0]
-    ratios = {v.name: paired_ratio(v.round_means, fp.round_means) for v in variants}
+    each_round = {v.name: round_ratios(v.round_means, fp.round_means) for v in variants}
+    ratios = {name: statistics.median(values) for name, values in each_round.items()}
     median_ratios = {v.name: v.median_ms / fp.median_ms for v in variants}
     print()
     print(f"{'variant':<18} {'ms/step':>9} {'x fp':>6}  description (x fp in each round)")
     for v in variants:
-        each = " ".join(f"{t / ref:.2f}" for t, ref in zip(v.round_means, fp.round_means, strict=True))
+        each = " ".join(f"{r:.2f}" for r in each_round[v.name])
         print(f"{v.name:<18} {v.median_ms:>9.1f} {ratios[v.name]:>6.2f}  {v.description} ({each})")
     print("x fp: the median of the rounds' ratios; the ratios of the median step times: "
           + ", ".join(f"{name} {median_ratios[name]:.2f}x" for name in TARGETS))
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                     "description": v.description,
                     "median_ms": v.median_ms,
                     "round_mean_ms": [1e3 * t for t in v.round_means],
-                    "round_ratio_to_fp": [t / ref for t, ref in zip(v.round_means, fp.round_means, strict=True)],
+                    "round_ratio_to_fp": each_round[v.name],
                     "ratio_to_fp": ratios[v.name],  # the median of the rounds' ratios
                     "median_ms_ratio_to_fp": median_ratios[v.name],
                 }

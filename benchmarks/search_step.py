@@ -55,6 +55,7 @@ from benchmarks.common import (  # noqa: E402
     measure_memory,
     paired_ratio,
     print_memory,
+    round_ratios,
     step_memory,
     synchronizer,
     write_json,
@@ -127,8 +128,8 @@ def memory_only(args: argparse.Namespace) -> None:
     print_memory(args.memory_only, step_memory(fn, args.device, warmup=max(2, period), steps=period))
 
 
-def figures_of(ms: dict[str, float], times: dict[str, list[float]], memory: dict[str, dict | None],
-               batch_size: int) -> list[dict]:
+def figures_of(ms: dict[str, float], over_fp: dict[str, float], over_dnas: dict[str, float],
+               memory: dict[str, dict | None], batch_size: int) -> list[dict]:
     """The figures of the report: per-step time ratios paired by round (the targets' against full
     precision), the ratios of the median times for the targets' variants, then each method's step
     memory."""
@@ -136,12 +137,12 @@ def figures_of(ms: dict[str, float], times: dict[str, list[float]], memory: dict
     for name in VARIANTS[1:]:
         limit = TARGETS.get(name)
         out.append(figure(f"{LABELS[name]} step / full-precision step (resnet20, batch {batch_size})",
-                          paired_ratio(times[name], times["fp"]), "x", ("<=", limit) if limit is not None else None))
+                          over_fp[name], "x", ("<=", limit) if limit is not None else None))
     for name in TARGETS:
         out.append(figure(f"{LABELS[name]} step / full-precision step, ratio of the median step times over all rounds "
                           f"(resnet20, batch {batch_size})", ms[name] / ms["fp"], "x"))
-    out.append(figure("ASGA search step / DNAS search step", paired_ratio(times["asga"], times["dnas"]), "x"))
-    out.append(figure("periodic ASGA (k=5) step / DNAS search step", paired_ratio(times["asga_k5"], times["dnas"]), "x"))
+    out.append(figure("ASGA search step / DNAS search step", over_dnas["asga"], "x"))
+    out.append(figure("periodic ASGA (k=5) step / DNAS search step", over_dnas["asga_k5"], "x"))
     for name in VARIANTS if memory else ():
         out.append(figure(f"peak memory of one {LABELS[name]} step (over the memory live before it)",
                           (memory[name] or {}).get("step_mib"), "MiB"))
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"resnet20, batch {args.batch_size}x3x32x32, {args.threads} threads, {args.device}, {args.rounds} rounds x {steps} steps")
     print(f"{'variant':<10}{'ms/step':>10}{'x fp':>8}{'x dnas':>8}  x fp in each round")
     for name in names:
-        each = "".join(f"{t / ref:>6.2f}" for t, ref in zip(times[name], times["fp"], strict=True))
+        each = "".join(f"{r:>6.2f}" for r in round_ratios(times[name], times["fp"]))
         print(f"{name:<10}{ms[name]:>10.1f}{over_fp[name]:>8.2f}{over_dnas[name]:>8.2f}  {each}")
     print("x fp, x dnas: the median of the rounds' ratios; the ratios of the median step times: "
           + ", ".join(f"{name}/fp {ms[name] / ms['fp']:.2f}x" for name in TARGETS))
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<10}" + (f"{m['step_mib']:>10.1f} MiB  (before the step: {m['baseline_mib']:.1f} MiB)" if m else f"{'-':>10}"))
     if args.json:
         write_json(args.json, make_result(
-            "search_step", figures_of(ms, times, memory, args.batch_size), ms_per_step=ms, rounds=times,
+            "search_step", figures_of(ms, over_fp, over_dnas, memory, args.batch_size), ms_per_step=ms, rounds=times,
             ratio_to_fp=over_fp, median_ms_ratio_to_fp={name: ms[name] / ms["fp"] for name in names},
             batch_size=args.batch_size, steps=steps, rounds_count=args.rounds, threads=args.threads, device=args.device,
             memory=memory or None))
