@@ -72,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     figure,
     make_result,
     measure_memory,
+    paired_ratio,
     print_memory,
     round_ratios,
     step_memory,
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
 
     fp = variants[0]
     each_round = {v.name: round_ratios(v.round_means, fp.round_means) for v in variants}
-    ratios = {name: statistics.median(values) for name, values in each_round.items()}
+    ratios = {v.name: paired_ratio(v.round_means, fp.round_means) for v in variants}
     median_ratios = {v.name: v.median_ms / fp.median_ms for v in variants}
     print()
     print(f"{'variant':<18} {'ms/step':>9} {'x fp':>6}  description (x fp in each round)")
