@@ -11,10 +11,10 @@ ResNet-20 (10 classes) on a batch of random 32x32 RGB inputs (128 by default) fo
 - ``supernet``: the search supernet of ``framework.quant.build_supernet`` with 4 candidate
   bit-widths per layer and the min-max / learned-range quantizers of ``conf/quant/minmax.yaml``.
 
-The quantizers run their fused kernels (``quant.fused=true``): on the CPU the C kernels of
-``framework.quant.native``. ``--compare-compiled`` also times ``fixed_compiled`` and
-``supernet_compiled``, the same models with the torch.compile kernels instead (what ran on the CPU
-before the C kernels), in the same rounds.
+The quantizers run the kernel backend ``quant.kernels=auto`` resolves to (``framework.quant.kernels``:
+on the CPU the C kernels of ``framework.quant.native``). ``--compare-backends compiled,reference``
+also times ``fixed_<backend>`` and ``supernet_<backend>``, the same models with another backend, in
+the same rounds (``--compare-compiled`` is ``--compare-backends compiled``).
 
 Every variant is warmed up (which also initialises the LSQ step sizes), then the variants are timed
 in interleaved rounds (the order rotates from round to round). Each variant's ratio to full
@@ -37,7 +37,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/quant_overhead.py
     .venv/bin/python benchmarks/quant_overhead.py --threads 1 --rounds 5 --json /tmp/overhead.json
     .venv/bin/python benchmarks/quant_overhead.py --profile   # top ops of one supernet step
-    .venv/bin/python benchmarks/quant_overhead.py --compare-compiled   # the C kernels against torch.compile's
+    .venv/bin/python benchmarks/quant_overhead.py --compare-backends compiled,reference
     .venv/bin/python benchmarks/quant_overhead.py --device cuda --json benchmarks/results/gpu/quant_overhead.json
 
 ``--json`` writes the figures with the machine, the targets and whether each is met
@@ -62,7 +62,7 @@ from torch import nn
 
 from framework.models import create_model
 from framework.paths import CONF_DIR
-from framework.quant import build_supernet, fixed_layer_names, native, quantize_model, trace_layers
+from framework.quant import build_supernet, fixed_layer_names, kernels, quantize_model, trace_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common, when run as a script
 from benchmarks.common import (  # noqa: E402
@@ -97,6 +97,7 @@ FIGURE_NAMES = {
 }
 STEP_NAMES = {"fp": "full-precision", "fixed": "fixed mixed-policy QAT", "supernet": "search supernet"}
 COMPILED_SUFFIX = "_compiled"
+BACKEND_LABELS = {"compiled": "torch.compile kernels", "reference": "reference (eager) ops", "native": "C kernels"}
 
 
 @dataclass
@@ -128,9 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round (default: 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default: 3)")
     parser.add_argument("--profile", action="store_true", help="profile one supernet step and print its top ops")
-    parser.add_argument("--compare-compiled", action="store_true",
-                        help="also time the fixed and supernet steps with the torch.compile kernels instead of the "
-                             "C kernels (framework.quant.native), side by side in the same rounds")
+    parser.add_argument("--compare-compiled", action="store_true", help="the same as --compare-backends compiled")
+    parser.add_argument("--compare-backends", default="", metavar="B1,B2",
+                        help="also time the fixed and supernet steps with these kernel backends (compiled, reference, "
+                             "native; framework.quant.kernels) side by side in the same rounds")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     add_step_options(parser, VARIANTS)
     args = parser.parse_args(argv)
@@ -203,13 +205,15 @@ def build_variants(names: tuple[str, ...] = VARIANTS, device: str = "cpu") -> tu
 
 
 def make_step(variant: Variant, inputs: torch.Tensor, targets: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One training step of `variant` on the fixed batch; returns the (detached) loss. The
-    `*_compiled` variants run with the C kernels switched off (the torch.compile ones instead)."""
+    """One training step of `variant` on the fixed batch; returns the (detached) loss. A
+    `<name>_<backend>` variant runs with that kernel backend, the others with `auto`'s."""
     loss_fn = nn.CrossEntropyLoss()
-    kernels = native.disabled if variant.name.endswith(COMPILED_SUFFIX) else contextlib.nullcontext
+    backend = variant.name.rpartition("_")[2]
+    device = next(variant.model.parameters()).device
+    chosen = (lambda: kernels.using(backend, device)) if backend in BACKEND_LABELS else contextlib.nullcontext
 
     def step() -> torch.Tensor:
-        with kernels():
+        with chosen():
             variant.optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(variant.model(inputs), targets)
             loss.backward()
@@ -219,12 +223,12 @@ def make_step(variant: Variant, inputs: torch.Tensor, targets: torch.Tensor) -> 
     return step
 
 
-def compiled_variants(device: str) -> list[Variant]:
-    """The fixed and supernet variants again, to run with the torch.compile kernels."""
+def backend_variants(device: str, backend: str) -> list[Variant]:
+    """The fixed and supernet variants again, to run with the kernel backend `backend`."""
     variants, _ = build_variants(("fixed", "supernet"), device)
     for variant in variants:
-        variant.name += COMPILED_SUFFIX
-        variant.description += ", torch.compile kernels"
+        variant.name += f"_{backend}"
+        variant.description += f", {BACKEND_LABELS[backend]}"
     return variants
 
 
@@ -282,8 +286,9 @@ def figures_of(variants: list[Variant], ratios: dict[str, float], median_ratios:
             for name, limit in TARGETS.items()]
     out += [figure(f"{FIGURE_NAMES[name]}, ratio of the median step times over all rounds ({MODEL}, batch {batch_size})",
                    median_ratios[name], "x") for name in TARGETS]
-    out += [figure(f"{FIGURE_NAMES[name]}, torch.compile kernels instead of the C ones ({MODEL}, batch {batch_size})",
-                   ratios[name + COMPILED_SUFFIX], "x") for name in TARGETS if name + COMPILED_SUFFIX in ratios]
+    out += [figure(f"{FIGURE_NAMES[name]}, {label} instead of auto's backend ({MODEL}, batch {batch_size})",
+                   ratios[f"{name}_{backend}"], "x")
+            for backend, label in BACKEND_LABELS.items() for name in TARGETS if f"{name}_{backend}" in ratios]
     if memory:
         for name in VARIANTS:
             out.append(figure(f"peak memory of one {STEP_NAMES[name]} step (over the memory live before it)",
@@ -307,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     variants, policy = build_variants(VARIANTS, args.device)
-    if args.compare_compiled:
-        variants += compiled_variants(args.device)
+    backends = [b for b in args.compare_backends.split(",") if b] + (["compiled"] if args.compare_compiled else [])
+    for backend in dict.fromkeys(backends):
+        if backend not in BACKEND_LABELS:
+            raise SystemExit(f"--compare-backends: unknown backend '{backend}'; choose from {', '.join(BACKEND_LABELS)}")
+        variants += backend_variants(args.device, backend)
     inputs = torch.randn(args.batch_size, IN_CHANNELS, INPUT_SIZE, INPUT_SIZE).to(args.device)
     targets = torch.randint(0, NUM_CLASSES, (args.batch_size,)).to(args.device)
     steps = {variant.name: make_step(variant, inputs, targets) for variant in variants}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,22 @@ def config_to_dict(cfg: DictConfig | dict | None) -> dict[str, Any] | None:
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+#: what every result.json, checkpoint and tracked run records about the process that computed it
+#: (name -> a function giving it), registered by the packages that know it: `kernels` by
+#: framework.quant.kernels (the quantizers' backend, its build key and the thread count)
+_PROVENANCE: dict[str, Callable[[], Any]] = {}
+
+
+def record_with_every_result(name: str, describe: Callable[[], Any]) -> None:
+    """Add `name: describe()` to every result.json written from now on (and to :func:`provenance`)."""
+    _PROVENANCE[name] = describe
+
+
+def provenance() -> dict[str, Any]:
+    """What this process records beside its results (:func:`record_with_every_result`)."""
+    return {name: describe() for name, describe in _PROVENANCE.items()}
+
+
 def write_result(run_dir: str | Path, result: Result, cfg: DictConfig | dict | None = None) -> Path:
     """Write `run_dir/result.json` for `result` and return its path."""
     payload: dict[str, Any] = {
@@ -64,6 +81,7 @@ def write_result(run_dir: str | Path, result: Result, cfg: DictConfig | dict | N
         "metrics": result.metrics,
         "artifacts": result.artifacts,
         **result.extra,
+        **provenance(),
         "config": config_to_dict(cfg),
     }
     path = Path(run_dir) / "result.json"

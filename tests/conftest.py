@@ -30,6 +30,16 @@ def compose_config(stage: str = "pretrain", overrides: list[str] | None = None):
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _restore_the_kernel_backend():
+    """A stage run in-process chooses the process's kernel backend (framework.quant.kernels.use):
+    each test starts from and leaves the one it found."""
+    from framework.quant import kernels
+
+    with kernels.using(kernels._REQUESTED, kernels._DEVICE):
+        yield
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A pretrain config shrunk for tests: small subsets, few steps, tracking into tmp_path."""

@@ -33,6 +33,12 @@ def _write_modes() -> tuple[str, ...]:
     return WRITE_MODES
 
 
+def _photo_decoders() -> tuple[str, ...]:
+    from framework.data.ffcv_loader import PHOTO_DECODERS
+
+    return PHOTO_DECODERS
+
+
 class FFCVWrite(Schema):
     """`<node>.ffcv.write`: how `mpq prepare` stores the images (the options name the file)."""
 
@@ -50,6 +56,7 @@ class FFCV(Schema):
     order: one_of(_orders)
     os_cache: Flag
     batches_ahead: whole(1)
+    decoder: one_of(_photo_decoders)
     write: FFCVWrite
 
 

@@ -3,8 +3,9 @@
 Quantizer names and bit-widths come from framework.quant.quantizers (WEIGHT_QUANTIZERS,
 ACT_QUANTIZERS, SUPPORTED_BITS): the weight and activation quantizers, the fixed first/last
 layers' bits (a supported width, `searched` or null), the candidate bit lists, the initial
-learned range (> 0) and logits, the Gumbel temperature (> 0 or null) and `joint_wa` needing the
-same weight and activation candidates.
+learned range (> 0) and logits, the Gumbel temperature (> 0 or null), `joint_wa` needing the
+same weight and activation candidates, the LSQ activations' initialisation and the kernel backend
+(framework.quant.kernels.CHOICES; the search's follows `quant.kernels`).
 """
 
 from typing import Any
@@ -24,6 +25,18 @@ def _act_quantizers() -> tuple[str, ...]:
     from framework.quant.quantizers import ACT_QUANTIZERS
 
     return ACT_QUANTIZERS
+
+
+def _kernel_choices() -> tuple[str, ...]:
+    from framework.quant.kernels import CHOICES
+
+    return CHOICES
+
+
+def _act_inits() -> tuple[str, ...]:
+    from framework.quant.quantizers import ACT_INITS
+
+    return ACT_INITS
 
 
 def supported_bits() -> tuple[int, ...]:
@@ -46,7 +59,8 @@ class QuantConfig(Schema):
     alpha_init: number(0)
     gumbel_tau: number(0, strict=True) | None
     joint_wa: Flag
-    fused: Flag
+    kernels: one_of(_kernel_choices)
+    act_init: one_of(_act_inits)
 
     @field_validator("fixed_bits", mode="plain")
     @classmethod

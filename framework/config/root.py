@@ -110,6 +110,9 @@ class RootConfig(Schema):
             raise sentence(f"launcher.workers_per_node={per_node}: Ray Train can hold 1 worker per node (STRICT_SPREAD) or "
                            f"all dist.nproc={self.dist.nproc} on one node (STRICT_PACK); set 1, {self.dist.nproc} or null "
                            f"(launcher.placement_strategy then decides)")
+        if self.search.quant.kernels != self.quant.kernels:
+            raise sentence(f"search.quant.kernels={self.search.quant.kernels} differs from quant.kernels="
+                           f"{self.quant.kernels}: one backend runs per process; set quant.kernels alone")
         if self.dist.zero_stage == 3 and self.stage in (*TRAINING_STAGES, "pipeline"):
             from framework.dist.engine import check_zero_stage  # raises the one-line MPQError
 

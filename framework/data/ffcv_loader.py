@@ -97,6 +97,24 @@ def _device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
+#: `data.ffcv.decoder`: FFCV's own crop decoders for photos (stock), or the same decode with this
+#: project's area resize (area: the same output bytes, about twice as fast; framework/data/ffcv_ops.py)
+PHOTO_DECODERS = ("area", "stock")
+
+
+def photo_decoders(name: str) -> tuple[type, type]:
+    """The (random-resized-crop, center-crop) decoder classes `data.ffcv.decoder=name` names."""
+    if name == "stock":
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+
+        return RandomResizedCropRGBImageDecoder, CenterCropRGBImageDecoder
+    if name == "area":
+        from framework.data.ffcv_ops import AreaCenterCrop, AreaRandomResizedCrop
+
+        return AreaRandomResizedCrop, AreaCenterCrop
+    raise ValueError(f"unknown FFCV photo decoder '{name}'; choose one of {PHOTO_DECODERS}")
+
+
 def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, list]:
     """FFCV pipelines for the `image` and `label` fields (training or evaluation transforms)."""
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -121,13 +139,9 @@ def build_pipelines(spec: DatasetSpec, data_cfg: Any, train: bool) -> dict[str, 
                 image.append(RandomHorizontalFlip())
         resize = size if size != spec.native_size else None
     else:
-        from framework.data.ffcv_ops import AreaCenterCrop, AreaRandomResizedCrop
-
         size = int(data_cfg.input_size or 224)
-        if augment:
-            image = [AreaRandomResizedCrop((size, size))]
-        else:
-            image = [AreaCenterCrop((size, size), ratio=0.875)]
+        random_crop, center_crop = photo_decoders(str(data_cfg.ffcv.get("decoder", "area")))
+        image = [random_crop((size, size))] if augment else [center_crop((size, size), ratio=0.875)]
     device = _device()
     to_device = [ToDevice(device, non_blocking=True)] if device is not None else []
     norm = _normalise(spec, channels)

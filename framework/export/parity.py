@@ -95,7 +95,8 @@ class _Tally:
 
 
 def exact_reference(framework: nn.Module) -> nn.Module:
-    """The framework's quantized model computed in float64 (a copy, eager quantizer ops): the same
+    """The framework's quantized model computed in float64 (a copy; float64 tensors take the reference
+    quantizer ops in the native backend, framework.quant.kernels): the same
     modules and code with float64's roundings only, the integer arithmetic the fake quantization
     stands for, to about 1e-16.
 
@@ -103,7 +104,6 @@ def exact_reference(framework: nn.Module) -> nn.Module:
     fake-quantized value `c * s` (re-quantized in float64 it gives the same codes `c`; rounding
     `w / s` in float64 instead of float32 would move a weight lying within an ulp of a half step),
     and a learned-range (PACT) input's range is set so that its float64 step is the float32 step."""
-    from framework.quant import disable_fused_kernels
     from framework.quant.layers import QConv2d, QLinear
     from framework.quant.quantizers import FULL_PRECISION, LearnedRangeActQuantizer
 
@@ -119,7 +119,6 @@ def exact_reference(framework: nn.Module) -> nn.Module:
         reference.double()
         for module, (step, levels) in steps.items():
             module.range.copy_(step.double() * levels - 1e-8)
-    disable_fused_kernels(reference)
     return reference
 
 

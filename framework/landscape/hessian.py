@@ -18,8 +18,9 @@ through it straight (the STE: identity inside the clipping range, zero outside).
 passes are written in differentiable tensor ops, so the double backward sees the same estimator:
 with the clipping masks `M`, the product is `H v = M (d^2 L / dq^2) M v` for the quantized tensors
 `q`, i.e. the Hessian of the loss at the quantized point, restricted to the weights the quantizer
-does not clip. The compiled (fused) kernels cannot be differentiated twice: switch them off first
-(:func:`framework.quant.disable_fused_kernels`, same values and gradients).
+does not clip. The products run inside :func:`framework.quant.kernels.twice_differentiable`: the
+compiled and native kernels cannot be differentiated twice, so the quantizers take their reference
+ops there (same values; gradients to float tolerance).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from framework.landscape.params import LossTerms, Tensors, dot, evaluation, norm, random_vector
+from framework.quant import kernels
 
 
 @dataclass
@@ -53,7 +55,7 @@ def hessian_vector_product(model: nn.Module, loss: LossTerms, params: Sequence[t
     (zeros where a parameter has no second derivative)."""
     params = list(params)
     out = [torch.zeros_like(p) for p in params]
-    with evaluation(model):
+    with evaluation(model), kernels.twice_differentiable():
         for term in loss(model):
             grads = torch.autograd.grad(term, params, create_graph=True, allow_unused=True)
             inner = sum(((g * v).sum() for g, v in zip(grads, vector, strict=True) if g is not None),
@@ -72,7 +74,7 @@ class _HeldGradients:
 
     def __init__(self, model: nn.Module, loss: LossTerms, params: Sequence[torch.Tensor]):
         self.params = list(params)
-        with evaluation(model):
+        with evaluation(model), kernels.twice_differentiable():
             self.grads = [torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
                           for term in loss(model)]
 

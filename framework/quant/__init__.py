@@ -2,7 +2,6 @@
 
 from framework.quant.convert import (
     build_supernet,
-    disable_fused_kernels,
     fixed_bits_of,
     fixed_layer_names,
     quantize_model,
@@ -37,7 +36,6 @@ __all__ = [
     "SearchLinear",
     "build_supernet",
     "complexity_penalty",
-    "disable_fused_kernels",
     "expected_bitops",
     "fixed_bits_of",
     "fixed_layer_names",

@@ -13,7 +13,7 @@ from torch import nn
 
 from framework.quant.cost import LayerCost
 from framework.quant.layers import QConv2d, QLinear, SearchConv2d, SearchLinear
-from framework.quant.quantizers import FULL_PRECISION, LearnedRangeActQuantizer, LSQQuantizer
+from framework.quant.quantizers import FULL_PRECISION
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -88,20 +88,3 @@ def build_supernet(model: nn.Module, layers: list[LayerCost], qcfg) -> nn.Module
         new.macs = float(layer.macs)
         replace_module(model, layer.name, new)
     return model
-
-
-
-def disable_fused_kernels(model: nn.Module) -> int:
-    """Switch the compiled quantization kernels (`quant.fused`) off in every quantizer and searchable
-    layer of `model`, in place; returns how many modules were switched.
-
-    The eager ops compute the same values and gradients (the tests compare them), and they can be
-    differentiated twice: torch.compile's graphs cannot ("torch.compile with aot_autograd does not
-    currently support double backward"), so Hessian-vector products need the kernels off.
-    """
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, (LSQQuantizer, LearnedRangeActQuantizer, SearchConv2d, SearchLinear)) and module.fused:
-            module.fused = False
-            switched += 1
-    return switched

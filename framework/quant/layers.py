@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant import native
-from framework.quant.fused import fused_mixed_learned_range
+from framework.quant import kernels
 from framework.quant.quantizers import (
     FULL_PRECISION,
     LearnedRangeActQuantizer,
@@ -61,11 +60,10 @@ class _QuantMixin:
 
     def _init_quant(self, w_bits: int, a_bits: int, qcfg, out_channels: int) -> None:
         self.w_bits, self.a_bits = check_bits(w_bits), check_bits(a_bits)
-        fused = bool(qcfg.fused)
-        self.weight_quant = make_weight_quantizer(
-            qcfg.weight, self.w_bits, out_channels, per_channel=bool(qcfg.per_channel), fused=fused
-        )
-        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.act_init_range), fused)
+        self.weight_quant = make_weight_quantizer(qcfg.weight, self.w_bits, out_channels,
+                                                  per_channel=bool(qcfg.per_channel))
+        self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.act_init_range),
+                                            str(qcfg.get("act_init", "mse")))
         self.macs = 0.0
         # SAQ (sharpness-aware quantization) hooks: a perturbation added *after* quantization, and the
         # quantized weight of the last forward pass kept with its gradient (case 3 perturbs along it)
@@ -134,15 +132,15 @@ class _SearchMixin:
             make_weight_quantizer(qcfg.weight, b, out_channels, per_channel) for b in self.w_candidates
         )
         init_range = float(qcfg.act_init_range)
-        self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range) for b in self.a_candidates)
+        act_init = str(qcfg.get("act_init", "mse"))
+        self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range, act_init)
+                                        for b in self.a_candidates)
         self.gumbel_tau = qcfg.gumbel_tau
-        # fused kernels (quant.fused, quant.native): the mixed activation's with learned-range candidates,
-        # the mixed weight's with min-max ones
-        self.fused = bool(qcfg.fused)
+        # learned-range activation candidates mix in one op of the kernel backend, once their sign is known
         self.fusable_act = all(isinstance(q, LearnedRangeActQuantizer) for q in self.act_quants)
         # min-max weight candidates have no state: their mix is one op (quantizers.mixed_minmax_weight)
         self.one_op_weight_mix = all(isinstance(q, MinMaxWeightQuantizer) for q in self.weight_quants)
-        # the C kernel's bounds Qp_j of such a mix without a full-precision candidate (None otherwise)
+        # the bounds Qp_j of such a mix without a full-precision candidate (None otherwise)
         qps = [2 ** (b - 1) - 1 for b in self.w_candidates] if self.one_op_weight_mix else []
         self.register_buffer("minmax_qps", torch.tensor(qps, dtype=torch.float32)
                              if qps and max(self.w_candidates) < FULL_PRECISION else None, persistent=False)
@@ -178,31 +176,30 @@ class _SearchMixin:
         return bool(signs.pop()) if len(signs) == 1 and -1 not in signs else None
 
     def mixed_input_and_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_mix, W_mix). With `fused` on the CPU, without Gumbel sampling, each mix is one call of the
-        C kernels that also takes the softmax of the logits (and the ranges' |rho| + 1e-8) and their
-        gradients (native.mixed_learned_range_of_params, native.mixed_minmax_of_logits); else the
-        mixing weights are computed here and each mix by its fused or eager op."""
+        """(x_mix, W_mix), each mix one op of the kernel backend (framework.quant.kernels). Without
+        Gumbel sampling the op also takes the softmax of the logits (and the ranges' |rho| + 1e-8),
+        which the native backend computes in the same call; with it, the sampled mixing weights."""
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        backend = kernels.active()
         aw, aa = self._logits()
-        signed = self._fusable_sign() if self.fused and self.fusable_act else None
-        in_call = self.fused and not (self.training and self.gumbel_tau) and native.usable(x)
-        rhos = [q.range for q in self.act_quants] if signed is not None else []
-        probs = None
-        if in_call and signed is not None and native.takes_params(aa, *rhos):
-            x_mix = native.mixed_learned_range_of_params(x, aa, rhos, self._act_levels(signed), signed)
+        sampled = bool(self.training and self.gumbel_tau)
+        signed = self._fusable_sign() if self.fusable_act else None
+        probs = self._mixing_weights() if sampled else None
+        if signed is not None and not sampled:
+            rhos = [q.range for q in self.act_quants]
+            x_mix = backend.mixed_learned_range_of_params(x, aa, rhos, self._act_levels(signed), signed)
+        elif signed is not None:
+            ranges = torch.stack([q.range for q in self.act_quants]).abs() + 1e-8
+            x_mix = backend.mixed_learned_range(x, probs[1], ranges, self._act_levels(signed), signed)
         else:
-            probs = self._mixing_weights()
-            if signed is not None:
-                ranges = torch.stack(rhos).abs() + 1e-8
-                x_mix = fused_mixed_learned_range(x, probs[1], ranges, self._act_levels(signed), signed)
-            else:
-                x_mix = sum(p * q(x) for p, q in zip(probs[1], self.act_quants, strict=True))
+            probs = probs or self._mixing_weights()
+            x_mix = sum(p * q(x) for p, q in zip(probs[1], self.act_quants, strict=True))
         qps = self.minmax_qps
-        if in_call and qps is not None and native.takes_params(aw, qps):
-            return x_mix, native.mixed_minmax_of_logits(weight, aw, qps)
+        if qps is not None and not sampled:
+            return x_mix, backend.mixed_minmax_of_logits(weight, aw, qps)
         pw = (probs or self._mixing_weights())[0]
         if self.one_op_weight_mix:
-            return x_mix, mixed_minmax_weight(weight, pw, self.w_candidates, self.fused)
+            return x_mix, mixed_minmax_weight(weight, pw, self.w_candidates)
         return x_mix, sum(p * q(weight) for p, q in zip(pw, self.weight_quants, strict=True))
 
     def _act_levels(self, signed: bool) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from framework.quant import kernels
 from framework.train.loop import resolve_device, seed_everything
 
 
@@ -34,11 +35,18 @@ def set_threads(cfg: DictConfig) -> None:
 
 
 def start_stage(cfg: DictConfig, stage: str) -> tuple[Path, torch.device]:
-    """The run directory (created), torch threads, seeds and device every computing stage starts with."""
+    """The run directory (created), torch threads, seeds, device and the quantizers' kernel backend
+    (`quant.kernels`, framework.quant.kernels) every computing stage starts with."""
     run_dir = run_directory(cfg, stage)
     set_threads(cfg)
     seed_everything(int(cfg.seed))
-    return run_dir, resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":  # runs that repeat: cuDNN and cuBLAS pick deterministic algorithms
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    kernels.use(str(cfg.quant.get("kernels", "auto")), device)
+    return run_dir, device
 
 
 def sub_config(cfg: DictConfig, run_dir: Path, **updates: Any) -> DictConfig:

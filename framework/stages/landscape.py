@@ -21,7 +21,6 @@ from framework.landscape import (
     surrogate_gap,
     top_hessian_eigenvalue,
 )
-from framework.quant import disable_fused_kernels
 from framework.results import Result
 from framework.stage import (
     check_classes,
@@ -55,8 +54,8 @@ def run_landscape(cfg: DictConfig) -> Result:
        direction drawn from `seed` (Li et al. 2018): `loss_curve.png` and `curve` in result.json.
 
     A quantized checkpoint is measured under its own policy; `policy=` quantizes a full-precision one
-    after training, as `mpq evaluate` does. The quantizers run their eager ops (the compiled kernels
-    cannot be differentiated twice; same values and gradients).
+    after training, as `mpq evaluate` does. The Hessian-vector products run the quantizers' reference
+    ops (framework.quant.kernels.twice_differentiable).
     """
     if not cfg.checkpoint:
         raise MPQError("landscape needs checkpoint=<checkpoint directory>, "
@@ -68,7 +67,6 @@ def run_landscape(cfg: DictConfig) -> Result:
     train_set = build_dataset(data_cfg, "train", train_transforms=False)
     check_classes(ckpt, train_set.mpq_info, str(cfg.data.name), "pick the data=<name> it was trained on")
     model, policy, _ = checkpoint_model(ckpt, cfg, data_cfg, device, train_set)
-    disable_fused_kernels(model)
     seed = int(cfg.seed)
     loss = CrossEntropyOnBatches(fixed_batches(train_set, settings.batches, settings.batch_size, seed, device))
     params = [p for _, p in landscape_parameters(model)]

@@ -78,6 +78,7 @@ def execute_run(plan: StudyPlan, run: Run, landscape: bool) -> dict[str, Any]:
     fine = run_stage_once("finetune", run.overrides, run.dir / "finetune", run_finetune, init_checkpoint=fp, policy=policy)
     checkpoint = fine["artifacts"]["checkpoint"]
     record["stage_seconds"]["finetune"] = fine["metrics"].get("seconds")
+    record["kernels"] = fine.get("kernels")  # the quantizers' backend, build key and threads of the fine-tune
     evaluated = run_stage_once("evaluate", run.overrides, run.dir / "evaluate", run_evaluate, checkpoint=checkpoint)
     record["stage_seconds"]["evaluate"] = evaluated["metrics"].get("seconds")
     m = evaluated["metrics"]

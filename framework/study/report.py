@@ -51,6 +51,8 @@ def summarise_row(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
         "avg_w_bits_mean": _mean([r.get("avg_w_bits") for r in runs]),
         "avg_a_bits_mean": _mean([r.get("avg_a_bits") for r in runs]),
         "run_seconds_mean": _mean([r["seconds"] for r in runs]),
+        # the kernel backends the row's fine-tunes ran (framework.quant.kernels): one, or the row mixes paths
+        "kernels": sorted({f"{k['backend']} ({k['threads']} threads)" for r in runs if (k := r.get("kernels"))}),
     }
     searches = [r["search"] for r in runs if r.get("search")]
     if searches:

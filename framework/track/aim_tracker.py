@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from framework.errors import MPQError
-from framework.results import config_to_dict
+from framework.results import config_to_dict, provenance
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def open_tracker(cfg: Any, stage: str, main: bool = True) -> NullTracker:
     tracking = cfg.tracking
     if not main or not tracking.enabled:
         return NullTracker()
-    hparams = config_to_dict(cfg) or {}
+    hparams = {**(config_to_dict(cfg) or {}), **provenance()}  # the config, and the kernels that ran
     return Tracker(repo=str(tracking.repo), experiment=str(cfg.experiment_name), run_name=str(tracking.run_name or stage),
                    hparams=hparams, tags=[stage, *tracking.tags], run_hash_file=tracking.run_hash_file)
 

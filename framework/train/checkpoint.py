@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    meta.json      format, model (name, classes, channels, options), data geometry, step, epoch, metrics
+    meta.json      format, the kernels that computed it (framework.quant.kernels), model (name, classes,
+                   channels, options), data geometry, step, epoch, metrics
     model.pt       the model's state dict
     training.pt    optimizer, scheduler and two-pass optimizer states (the training side of the run)
     deepspeed/     stages trained through DeepSpeed: the engine's own checkpoint (every rank's
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from framework.errors import MPQError
+from framework.results import provenance
 
 FORMAT = "mpq-checkpoint/1"
 
@@ -105,7 +107,7 @@ def staging_dir(path: Path, token: str) -> Path:
 
 
 def write_checkpoint_files(tmp: Path, model: nn.Module, meta: dict[str, Any], training_state: dict[str, Any] | None) -> None:
-    meta = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(), **meta}
+    meta = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(), **provenance(), **meta}
     torch.save(model.state_dict(), tmp / "model.pt")
     if training_state is not None:
         torch.save(training_state, tmp / "training.pt")

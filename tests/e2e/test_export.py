@@ -74,7 +74,7 @@ def finetuned_checkpoint(tmp_path, name: str, overrides: tuple[str, ...] = (), f
     option_args = [f"+model.options.{k}={str(v).lower()}" if k not in ("small_input",) else
                    f"model.options.{k}={str(v).lower()}" for k, v in options.items()]
     cfg = compose_config("finetune", [f"model={name}", f"data.input_size={size}", "data.fraction=0.05",
-                                      "quant.fused=false", *option_args, *overrides])
+                                      *option_args, *overrides])
     meta = model_meta(cfg, 10)
     torch.manual_seed(0)
     model = build_model(meta)

@@ -29,7 +29,7 @@ def readme_onnx_example() -> str:
 
 @pytest.fixture(scope="module")
 def exported(finetuned_checkpoint, tmp_path_factory):
-    """`mpq export` of the session's fine-tuned checkpoint (uniform:4/4, LSQ with the fused kernels)."""
+    """`mpq export` of the session's fine-tuned checkpoint (uniform:4/4, LSQ on the default kernel backend)."""
     run_dir = tmp_path_factory.mktemp("export_cli") / "export"
     return run_dir, run_stage("export", run_dir, f"checkpoint={finetuned_checkpoint}", *FAST)
 
@@ -122,7 +122,7 @@ from framework.train.checkpoint import save_checkpoint
 from tests.conftest import compose_config
 import custom_model
 
-cfg = compose_config("finetune", ["quant.fused=false"])
+cfg = compose_config("finetune")
 meta = {"name": "gelu_net", "num_classes": 10, "in_channels": 1, "options": {}}
 model = build_model(meta)
 layers = trace_layers(model, 28, 1)

@@ -134,7 +134,7 @@ def test_evaluate_under_a_policy_reports_top1_bitops_and_size(pretrained_run, pr
     assert (tmp_path / "policy.png").exists()
 
 
-@pytest.mark.parametrize("missing", [(), ("fused",)], ids=["whole", "written_before_fused"])
+@pytest.mark.parametrize("missing", [(), ("kernels", "act_init")], ids=["whole", "written_before_kernels"])
 def test_evaluate_a_quantized_checkpoint(pretrained_checkpoint, tmp_path, missing):
     """A checkpoint saved with its policy and LSQ state scores the same through `mpq evaluate`, also
     one whose quantizer config predates a key of the `quant` group."""

@@ -2,8 +2,9 @@
 
 The CUDA counterparts of CPU tests:
 
-- the fused quantization kernels (framework/quant/fused.py) against their eager functions, forward
-  and gradients, compiled for CUDA (not fallen back to eager) (tests/unit/test_quantizers.py);
+- the compiled kernel backend (framework/quant/compiled.py) against the reference ops, forward and
+  gradients, compiled for CUDA (not run eagerly), ties on the bounds included
+  (tests/unit/test_kernel_backends.py);
 - the FFCV loader's transfer to the device: the same batches as the torch loader, on the GPU
   (tests/unit/test_ffcv.py);
 - training through DeepSpeed in bf16 and fp16 (`dist.precision`), a quantized model with ASGA;
@@ -26,7 +27,6 @@ import torch
 from omegaconf import open_dict
 from torch import nn
 
-from framework.quant.quantizers import LearnedRangeActQuantizer, LSQQuantizer
 from tests.conftest import compose_config, make_image_tree
 from tests.unit.test_engine_two_pass import _quantized as _quantized_on_cpu
 from tests.unit.test_ffcv import _with, fmnist  # noqa: F401 (the CPU tests' Fashion-MNIST beton fixture)
@@ -51,96 +51,62 @@ def _skip_if_deepspeed_is_on_the_cpu() -> None:
 
 
 def _assert_compiled(kernel) -> None:
-    """The fused kernel was compiled for CUDA, not replaced by its eager version after an error."""
-    assert not kernel.disabled and kernel.compiled is not None, f"{kernel.fn.__name__} fell back to eager on CUDA"
+    """The compiled kernel was compiled for CUDA, not run eagerly after an error."""
+    assert kernel.failure is None and kernel.compiled is not None, f"{kernel.fn.__name__} ran eagerly on CUDA: {kernel.failure}"
 
 
-# -- fused kernels --------------------------------------------------------------------------------------
+# -- the kernel backends on CUDA --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("per_channel,signed", [(False, True), (True, True), (False, False)])
-def test_fused_lsq_on_cuda_equals_the_eager_function(per_channel, signed):
-    from framework.quant.fused import compiled_lsq, fused_lsq, lsq_fake_quant
+def _on_cuda(backend: str, fn, *tensors, upstream):
+    from framework.quant import kernels
 
-    torch.manual_seed(0)
-    x = torch.randn(6, 5, 4, 4, device=CUDA) * 2
-    if not signed:
-        x = x.relu()
-    step = (torch.rand(6, 1, 1, 1) * 0.5 + 0.1 if per_channel else torch.tensor([0.37])).to(CUDA)
-    qn, qp = (-4.0, 3.0) if signed else (0.0, 7.0)
-    weights = torch.linspace(-1, 1, x.numel(), device=CUDA).view_as(x)
-    results = []
-    for fn in (lsq_fake_quant, fused_lsq):
-        xi, si = x.clone().requires_grad_(), step.clone().requires_grad_()
-        out = fn(xi, si, qn, qp, 0.05)
-        (out * weights).sum().backward()
-        results.append((out.detach(), xi.grad, si.grad))
-    _assert_compiled(compiled_lsq)  # on CUDA, fused_lsq is the compiled kernel
-    (eager, gx, gs), (fused, fgx, fgs) = results
-    assert fused.is_cuda
-    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-6)
-    torch.testing.assert_close(fgx, gx, rtol=0, atol=1e-6)
-    torch.testing.assert_close(fgs, gs, rtol=1e-4, atol=1e-6)
+    leaves = [t.detach().clone().to(CUDA).requires_grad_() for t in tensors]
+    with kernels.using(backend, CUDA):
+        out = fn(kernels.active(), *leaves)
+        (out * upstream.to(CUDA)).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def test_fused_lsq_quantizer_on_cuda_equals_the_autograd_function():
-    """The quantizer module with `fused=True` on CUDA, against its own autograd function."""
-    torch.manual_seed(0)
-    for per_channel, signed in ((False, True), (True, True), (False, False)):
-        x = (torch.randn(6, 5, 4, 4, device=CUDA) * 2).requires_grad_()
-        plain = LSQQuantizer(3, signed=signed, per_channel=per_channel, channels=6).to(CUDA)
-        fused = LSQQuantizer(3, signed=signed, per_channel=per_channel, channels=6, fused=True).to(CUDA)
-        steps = torch.rand(6) * 0.5 + 0.1 if per_channel else torch.tensor([0.37])
-        plain.set_step(steps)
-        fused.set_step(steps)
-        y1 = plain(x)
-        (y1 * torch.linspace(-1, 1, y1.numel(), device=CUDA).view_as(y1)).sum().backward()
-        gx1, gs1 = x.grad.clone(), plain.step.grad.clone()
-        x.grad = None
-        y2 = fused(x)
-        (y2 * torch.linspace(-1, 1, y2.numel(), device=CUDA).view_as(y2)).sum().backward()
-        torch.testing.assert_close(y2, y1, rtol=0, atol=1e-6)
-        torch.testing.assert_close(x.grad, gx1, rtol=0, atol=1e-6)
-        torch.testing.assert_close(fused.step.grad, gs1, rtol=1e-4, atol=1e-7)
+def test_auto_takes_the_compiled_backend_on_cuda():
+    from framework.quant import kernels
+
+    assert kernels.resolve("auto", CUDA).name == "compiled"
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("per_channel,bounds", [(False, (-4, 3)), (True, (-4, 3)), (False, (0, 15))])
+def test_the_compiled_lsq_on_cuda_equals_the_reference(per_channel, bounds, ties):
+    from framework.quant import compiled
+    from tests.unit.test_kernel_backends import SHAPE, _lsq_inputs
+
+    x, step = _lsq_inputs(bounds, per_channel, ties)
+    upstream = torch.randn(SHAPE)
+    qn, qp = bounds
+    (out, grads), (ref, ref_grads) = (_on_cuda(b, lambda k, a, s: k.lsq(a, s, qn, qp, 0.01), x, step, upstream=upstream)
+                                      for b in ("compiled", "reference"))
+    _assert_compiled(compiled.compiled_lsq)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], ref_grads[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_fused_mixed_activation_on_cuda_equals_the_eager_function_and_the_quantizers(signed):
-    from framework.quant.fused import (
-        compiled_mixed_learned_range,
-        fused_mixed_learned_range,
-        mixed_learned_range,
-    )
+def test_the_compiled_mixed_activation_on_cuda_equals_the_reference(signed):
+    from framework.quant import compiled
+    from tests.unit.test_kernel_backends import SHAPE, _range_inputs
 
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 5, 5, device=CUDA) * 4
-    if not signed:
-        x = x.relu()
-    quantizers = [LearnedRangeActQuantizer(b, init_range=r, signed=signed).to(CUDA)
-                  for b, r in ((2, 1.5), (3, 2.0), (4, 3.0), (6, 6.0))]
-    levels = tuple((2 ** (q.bits - 1) - 1) if signed else (2**q.bits - 1) for q in quantizers)
-    weights = torch.linspace(-1, 1, x.numel(), device=CUDA).view_as(x)
-
-    def run(fn):
-        xi = x.clone().requires_grad_()
-        alpha = torch.tensor([0.3, -0.2, 0.9, 0.1], device=CUDA, requires_grad=True)
-        for q in quantizers:
-            q.range.grad = None
-        if fn is None:  # the quantizer modules, summed
-            out = sum(p * q(xi) for p, q in zip(alpha.softmax(0), quantizers, strict=True))
-        else:
-            ranges = torch.stack([q.range for q in quantizers]).abs() + 1e-8
-            out = fn(xi, alpha.softmax(0), ranges, levels, signed)
-        (out * weights).sum().backward()
-        return out.detach(), xi.grad, alpha.grad, [q.range.grad.clone() for q in quantizers]
-
-    modules, eager, fused = run(None), run(mixed_learned_range), run(fused_mixed_learned_range)
-    _assert_compiled(compiled_mixed_learned_range)  # on CUDA, the fused entry point compiles
-    for reference in (eager, modules):
-        torch.testing.assert_close(fused[0], reference[0], rtol=0, atol=1e-5)
-        torch.testing.assert_close(fused[1], reference[1], rtol=0, atol=1e-5)
-        torch.testing.assert_close(fused[2], reference[2], rtol=0, atol=1e-4)
-        for g, ref in zip(fused[3], reference[3], strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+    ranges = torch.tensor([1.0, 1.5, 2.5, 4.0])
+    levels = (1, 3, 7, 31) if signed else (3, 7, 15, 63)
+    x = _range_inputs(signed, ranges, levels, ties=True)
+    upstream = torch.randn(SHAPE)
+    (out, grads), (ref, ref_grads) = (
+        _on_cuda(b, lambda k, a, p, r: k.mixed_learned_range(a, p, r, levels, signed), x,
+                 torch.tensor([0.1, 0.2, 0.3, 0.4]), ranges, upstream=upstream) for b in ("compiled", "reference"))
+    _assert_compiled(compiled.compiled_mixed_learned_range)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=0, atol=1e-5)
+    for g, want in zip(grads[1:], ref_grads[1:], strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-3)
 
 
 # -- the FFCV loader's device transfer ------------------------------------------------------------------
@@ -193,7 +159,7 @@ def test_ffcv_photos_are_normalised_on_the_gpu_as_on_the_cpu(tmp_path, monkeypat
 # -- DeepSpeed in half precision, two-pass steps --------------------------------------------------------
 
 def _quantized(seed: int) -> nn.Module:
-    """The CPU tests' Net under LSQ 4/4 (fused kernels on: conf/quant/lsq.yaml), initialised, on the GPU."""
+    """The CPU tests' Net under LSQ 4/4 (conf/quant/lsq.yaml), initialised, on the GPU."""
     return _quantized_on_cpu(seed).to(CUDA)
 
 

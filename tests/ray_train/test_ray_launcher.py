@@ -200,7 +200,7 @@ def test_the_pipeline_sweeps_and_finetunes_on_the_cluster_and_leaves_it_running(
     run_dir = tmp_path / "pipeline"
     done = _run(ray_cluster, "pipeline", "experiment=smoke", "launcher=ray", "pipeline.sweep=true", "pipeline.export=false",
                 "pipeline.baseline=false", "~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.scheduler.name=fifo",
-                "tune.cpus_per_trial=1", "search.quant.fused=false", "tracking.enabled=false",
+                "tune.cpus_per_trial=1", "tracking.enabled=false",
                 f"hydra.run.dir={run_dir}", timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     result = read_json(run_dir / "result.json")

@@ -81,7 +81,7 @@ def test_the_sbatch_template_runs_the_whole_pipeline_on_the_ray_cluster_it_start
     ray_tmp = tempfile.mkdtemp(prefix="rayp", dir="/tmp")
     env = {**os.environ, **cluster_env, "MPQ_PYTHON": sys.executable, "MPQ_RUN_DIR": str(tmp_path / "pipeline"),
            "MPQ_RAY_PORT": str(free_port()), "MPQ_RAY_TMP": ray_tmp, "MPQ_STAGE": "pipeline"}
-    overrides = ["experiment=smoke", "pipeline.export=false", "pipeline.baseline=false", "search.quant.fused=false",
+    overrides = ["experiment=smoke", "pipeline.export=false", "pipeline.baseline=false",
                  "tune.cpus_per_trial=1", *CLUSTER_SWEEP]
     done = subprocess.run(["sbatch", "--wait", "--time=20", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",
                            "slurm/ray_sweep.sbatch", *overrides],

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import assert_one_error_line, policy_layers, read_json, run_mpq
 
 TWO_SEEDS = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "tune.scheduler.name=fifo", "tune.num_cpus=2",
-             "search.quant.fused=false"]
+             ]
 
 
 def test_sweep_without_a_checkpoint_is_one_clear_line(tmp_path):

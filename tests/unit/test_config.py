@@ -230,13 +230,13 @@ DATASETS = {
 @pytest.mark.parametrize("name", sorted(PROXIES))
 def test_every_proxy_follows_the_targets_geometry_and_loader_and_keeps_its_own_subset(name):
     cfg = _container(f"proxy={name}", "data=imagefolder", "data.root=/t", "data.loader=ffcv", "data.ffcv.dir=/b",
-                     "data.ffcv.order=quasi_random", "data.ffcv.os_cache=false", "data.ffcv.batches_ahead=5",
+                     "data.ffcv.order=quasi_random", "data.ffcv.os_cache=false", "data.ffcv.batches_ahead=5", "data.ffcv.decoder=stock",
                      "data.ffcv.write.workers=7", "seed=3")
     proxy, data, want = cfg["proxy"], cfg["data"], PROXIES[name]
     assert proxy["name"] == name and proxy["fraction"] == want["fraction"]
     assert proxy["root"] == ("/t" if want["root"] else None)
     assert (proxy["input_size"], proxy["channels"], proxy["loader"], proxy["num_workers"]) == (224, 3, "ffcv", 2)
-    assert proxy["ffcv"] == {"dir": "/b", "order": "quasi_random", "os_cache": False, "batches_ahead": 5, "write": {
+    assert proxy["ffcv"] == {"dir": "/b", "order": "quasi_random", "os_cache": False, "batches_ahead": 5, "decoder": "stock", "write": {
         "mode": want["mode"], "max_resolution": want["max_resolution"], "jpeg_quality": 90, "compress_probability": 0.5,
         "workers": 7}}
     assert (proxy["per_class"], proxy["test_fraction"], proxy["seed"], proxy["augment"]) == (None, 1.0, 3, True)
@@ -250,7 +250,7 @@ def test_every_dataset_keeps_its_values_over_the_shared_base(name):
         name, want["input_size"], want["channels"], want["num_workers"])
     assert (data["root"], data["fraction"], data["per_class"], data["test_fraction"], data["augment"], data["loader"]) == (
         None, 1.0, None, 1.0, True, "torch")
-    assert data["ffcv"] == {"dir": None, "order": "random", "os_cache": True, "batches_ahead": 3, "write": {
+    assert data["ffcv"] == {"dir": None, "order": "random", "os_cache": True, "batches_ahead": 3, "decoder": "area", "write": {
         "mode": want["mode"], "max_resolution": want["max_resolution"], "jpeg_quality": 90, "compress_probability": 0.5,
         "workers": None}}
 

@@ -51,7 +51,7 @@ def quantized_small(bits=None, **quant):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.3, 0.3)
         model.bn2.weight[::2] *= -1  # negative gammas fold into negative scales
-    qcfg = OmegaConf.merge(LSQ, {"fused": False, **quant})
+    qcfg = OmegaConf.merge(LSQ, quant)
     layers = trace_layers(model, 8, 3)
     quantize_model(model, bits or {"conv1": (8, 8), "conv2": (3, 4), "fc": (2, 3)}, qcfg, layers)
     model.train()

@@ -244,3 +244,26 @@ def test_the_one_pass_flip_and_normalisation_equals_ffcvs_stock_stages(tmp_path,
     assert torch.equal(fused, expected)
     unflipped = batches([FlipNormaliseToCHW(mean, std, flip_prob=0.0), ToTensor()])
     assert torch.equal(unflipped.flip(-1), fused) == bool(flip)
+
+
+def test_the_photo_decoder_is_an_option_stock_or_area():
+    """`data.ffcv.decoder` chooses FFCV's own crop decoders (stock) or the same decode with the
+    project's area resize (area, the default: the same bytes, test_area_resize.py); another name is
+    refused when the config is validated."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+
+    from framework.config.validate import validate_config
+    from framework.data import get_dataset_spec
+    from framework.data.ffcv_loader import build_pipelines
+    from framework.data.ffcv_ops import AreaCenterCrop, AreaRandomResizedCrop
+
+    spec = get_dataset_spec("imagefolder")
+    for decoder, (train_cls, eval_cls) in (("stock", (RandomResizedCropRGBImageDecoder, CenterCropRGBImageDecoder)),
+                                           ("area", (AreaRandomResizedCrop, AreaCenterCrop))):
+        data = compose_config("pretrain", ["data=imagefolder", "data.root=/nonexistent", "data.input_size=32",
+                                           f"data.ffcv.decoder={decoder}"]).data
+        train, evaluation = (build_pipelines(spec, data, t)["image"][0] for t in (True, False))
+        assert type(train) is train_cls and type(evaluation) is eval_cls
+    assert compose_config("pretrain").data.ffcv.decoder == "area"
+    with pytest.raises(MPQError, match="data.ffcv.decoder.*area, stock"):
+        validate_config(compose_config("pretrain", ["data.ffcv.decoder=fast"]))

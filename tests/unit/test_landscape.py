@@ -24,11 +24,11 @@ from framework.landscape import (
 )
 from framework.models import create_model
 from framework.paths import CONF_DIR
-from framework.quant import build_supernet, disable_fused_kernels, quantize_model, trace_layers
+from framework.quant import build_supernet, kernels, quantize_model, trace_layers
 from tests.conftest import compose_config
 
 LSQ = OmegaConf.load(CONF_DIR / "quant" / "lsq.yaml")
-EAGER_LSQ = OmegaConf.merge(LSQ, {"fused": False})
+EAGER_LSQ = LSQ  # the Hessian-vector products take the reference ops (kernels.twice_differentiable)
 MINMAX = compose_config("pretrain", ["quant=minmax"]).quant
 
 
@@ -144,26 +144,34 @@ def quantized_cnn(qcfg=EAGER_LSQ):
     return model, CrossEntropyOnBatches([(images, torch.randint(0, 3, (16,), generator=g))])
 
 
-def test_double_backward_through_the_lsq_op_is_the_straight_through_estimator(monkeypatch):
-    """The quantizer's autograd function and LSQ written as plain tensor ops with round_ste (which
-    autograd differentiates twice by itself) give the same Hessian-vector products."""
-    eager, loss = quantized_cnn()
-    plain = copy.deepcopy(eager)
-    for module in plain.modules():
-        if hasattr(module, "step"):
-            module.fused = True
-    import framework.quant.fused as fused
+def test_double_backward_through_the_lsq_op_is_the_straight_through_estimator():
+    """The reference LSQ op and LSQ written as plain tensor ops with round_ste (which autograd
+    differentiates twice by itself) give the same Hessian-vector products."""
+    from framework.quant import compiled, reference
 
-    monkeypatch.setattr(fused, "fused_lsq", fused.lsq_fake_quant)  # the plain ops, not compiled
-    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for _, p in landscape_parameters(eager)]
-    hv_eager = hessian_vector_product(eager, loss, [p for _, p in landscape_parameters(eager)], v)
-    hv_plain = hessian_vector_product(plain, loss, [p for _, p in landscape_parameters(plain)], v)
-    assert any(h.abs().sum() > 0 for h in hv_eager)
-    for a, b in zip(hv_eager, hv_plain, strict=True):
+    model, loss = quantized_cnn()
+    params = [p for _, p in landscape_parameters(model)]
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) for p in params]
+    hv_reference = hessian_vector_product(model, loss, params, v)
+
+    class PlainLSQ(kernels.Backend):
+        twice_differentiable = True
+
+        def lsq(self, x, step, qn, qp, grad_scale):
+            return compiled.lsq_fake_quant(x, step, *x.new_tensor([qn, qp, grad_scale]))
+
+    before = kernels._ACTIVE
+    kernels._ACTIVE = PlainLSQ()
+    try:
+        hv_plain = hessian_vector_product(model, loss, params, v)
+    finally:
+        kernels._ACTIVE = before
+    assert reference.lsq is not None and any(h.abs().sum() > 0 for h in hv_reference)
+    for a, b in zip(hv_reference, hv_plain, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("qcfg", [EAGER_LSQ, OmegaConf.merge(MINMAX, {"activation": "learned_range", "fused": False})],
+@pytest.mark.parametrize("qcfg", [EAGER_LSQ, OmegaConf.merge(MINMAX, {"activation": "learned_range"})],
                          ids=["lsq", "minmax-learned_range"])
 def test_the_hessian_through_every_quantizer_is_symmetric(qcfg):
     """u^T H v = v^T H u through each quantizer's double backward: one consistent Hessian."""
@@ -177,12 +185,19 @@ def test_the_hessian_through_every_quantizer_is_symmetric(qcfg):
     assert uhv != 0 and uhv == pytest.approx(vhu, rel=1e-4)
 
 
-def test_disable_fused_kernels_switches_every_quantizer_to_its_eager_op():
-    model = small_cnn(dtype=torch.float32)
-    quantize_model(model, {"0": (4, 4), "4": (4, 4)}, LSQ)
-    assert disable_fused_kernels(model) == 4  # a weight and an activation quantizer per layer
-    assert not any(getattr(m, "fused", False) for m in model.modules())
-    assert disable_fused_kernels(model) == 0
+def test_the_hessian_of_a_model_on_the_native_kernels_is_taken_through_the_reference_ops():
+    """With the (once-differentiable) native backend active, the products still run: inside them the
+    quantizers take the reference ops; the same products as with the reference backend."""
+    model, loss = quantized_cnn()
+    params = [p for _, p in landscape_parameters(model)]
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) for p in params]
+    with kernels.using("reference"):
+        want = hessian_vector_product(model, loss, params, v)
+    with kernels.using("auto"):
+        got = hessian_vector_product(model, loss, params, v)
+        assert kernels.active().name == kernels.resolve("auto").name
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_surrogate_gap_on_a_quadratic_equals_its_closed_form():

@@ -22,8 +22,12 @@ machine's own CPU and kept under `$TORCH_EXTENSIONS_DIR/mpq_quant_kernels/<key>/
 the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared by
 nodes with other CPUs gets one build per kind of CPU, never an illegal instruction. The build is
 written to a temporary file and renamed, so processes starting together (DeepSpeed ranks, Ray
-trials) never load half a file. Without a compiler, `available()` is False and the callers use
-their torch.compile or eager versions (framework/quant/fused.py).
+trials) never load half a file. Without a compiler, `available()` is False, `quant.kernels=auto`
+resolves to the reference backend and `quant.kernels=native` is refused (framework.quant.kernels).
+
+Floating-point sums (the gradients of steps, ranges and mixing weights) are taken per chunk of 2048
+elements into a slot of their own and added in chunk order after the parallel loop, never with
+atomics: a call gives the same bits whichever thread ran which chunk and at any thread count.
 
 The library is loaded as a `ctypes.PyDLL`, so a call keeps the GIL, as torch's own ops do while
 they run their OpenMP loops. Through `ctypes.CDLL`, which releases it, the pipeline's other Python
@@ -32,13 +36,12 @@ OpenMP threads; a static schedule then waits for the slowest thread. In `mpq pip
 evaluation take 5.0-5.7 s instead of 2.5-3.0 s, and fine-tuning 20-22 s instead of 16-17 s.
 
 Every kernel takes float32 tensors on the CPU; the autograd functions here make them contiguous and
-are differentiable once (Hessian-vector products switch the fused kernels off:
-:func:`framework.quant.disable_fused_kernels`).
+are differentiable once (Hessian-vector products ask the seam for a twice-differentiable backend:
+:func:`framework.quant.kernels.twice_differentiable`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -62,7 +65,8 @@ MAX_CANDIDATES = 16  # MAX_K in quant_kernels.c
 
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
-_DISABLED = False
+_KEY: str | None = None
+_FAILURE: str | None = None
 
 
 def _compiler() -> str | None:
@@ -88,11 +92,17 @@ def cache_dir() -> Path:
     return Path(root) / "mpq_quant_kernels"
 
 
+def _key(cc: str) -> str:
+    """The build key: a hash of the source, the flags, the compiler's version and the CPU's features."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    return hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(), _cpu_flags()])
+                          .encode()).hexdigest()[:16]
+
+
 def _build(cc: str) -> Path:
     """The compiled library for this source, compiler and CPU, built once (atomically)."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, platform.machine(), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
+    global _KEY
+    key = _KEY = _key(cc)
     target = cache_dir() / key / "libmpq_quant.so"
     if target.exists():
         return target
@@ -130,21 +140,21 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first call; None (with one warning) where they cannot be."""
-    global _LIB, _TRIED
+    """The loaded kernels, built on first call; None where they cannot be (:func:`failure` says why)."""
+    global _LIB, _TRIED, _FAILURE
     if _TRIED:
         return _LIB
     _TRIED = True
-    if os.environ.get("MPQ_NATIVE_KERNELS", "1") == "0":
-        return None
     cc = _compiler()
     if cc is None:
-        log.warning("no C compiler (cc, gcc or $CC): the quantizers' CPU kernels use torch.compile or eager ops")
+        _FAILURE = "no C compiler (cc, gcc or $CC)"
+        log.warning("%s: the quantizers' C kernels are unavailable", _FAILURE)
         return None
     try:
         _LIB = _declare(ctypes.PyDLL(str(_build(cc))))  # keeps the GIL during calls (module docstring)
     except (OSError, RuntimeError) as err:
-        log.warning("the quantizers' CPU kernels could not be built (%s); using torch.compile or eager ops", err)
+        _FAILURE = f"the build failed: {err}"
+        log.warning("the quantizers' C kernels could not be built (%s)", err)
     return _LIB
 
 
@@ -152,22 +162,19 @@ def available() -> bool:
     return library() is not None
 
 
+def failure() -> str | None:
+    """Why the kernels are unavailable (None when they are, or were not tried yet)."""
+    return _FAILURE
+
+
+def build_key() -> str | None:
+    """The loaded library's build key (None when it is not loaded)."""
+    return _KEY if available() else None
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether the C kernels can take `x`: float32 on the CPU, the library builds here, and they
-    are not switched off (:func:`disabled`)."""
-    return not _DISABLED and x.device.type == "cpu" and x.dtype == torch.float32 and available()
-
-
-@contextlib.contextmanager
-def disabled():
-    """Inside, the fused entry points take their torch.compile versions instead of the C kernels
-    (both in one process: benchmarks/quant_overhead.py --compare-compiled)."""
-    global _DISABLED
-    before, _DISABLED = _DISABLED, True
-    try:
-        yield
-    finally:
-        _DISABLED = before
+    """Whether the C kernels can take `x`: float32 on the CPU, and the library builds here."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -236,7 +243,7 @@ class _MixedRange(torch.autograd.Function):
 
 def mixed_learned_range(x: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor, levels: tuple[int, ...],
                         signed: bool) -> torch.Tensor:
-    """The supernet's mixed learned-range activation (framework.quant.fused.mixed_learned_range)."""
+    """The supernet's mixed learned-range activation (framework.quant.reference.mixed_learned_range)."""
     if len(levels) > MAX_CANDIDATES:
         raise ValueError(f"at most {MAX_CANDIDATES} candidate bit-widths, got {len(levels)}")
     return _MixedRange.apply(x, probs, ranges, tuple(int(v) for v in levels), bool(signed))

@@ -313,25 +313,30 @@ void mixed_range_backward(const float *g, const float *x, float *gx, int64_t n, 
                           const float *levels, int k, int sign, float *grad_p, float *grad_r, int threads) {
     float s[MAX_K];
     for (int i = 0; i < k; i++) s[i] = r[i] / levels[i];
-    double sum_p[MAX_K] = {0}, sum_r[MAX_K] = {0};
     const int64_t chunks = n_chunks(n);
-#pragma omp parallel num_threads(threads)
-    {
-        double local_p[MAX_K] = {0}, local_r[MAX_K] = {0};
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
-            if (sign)
-                mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 1, local_p, local_r);
-            else if (!backward_unsigned_fixed(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r))
-                mixed_backward_chunk_unsigned(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r);
-        }
-#pragma omp critical
-        for (int i = 0; i < k; i++) {
-            sum_p[i] += local_p[i];
-            sum_r[i] += local_r[i];
-        }
+    /* every chunk's sums land in their own slots, then are added in chunk order: the result does not
+     * depend on which thread took which chunk, nor on the thread count (no atomics on floating point) */
+    double partial_on_stack[2 * MAX_K * 8];
+    const size_t slots = (size_t)chunks * 2 * (size_t)k;
+    double *partial = slots <= sizeof partial_on_stack / sizeof(double) ? partial_on_stack
+                                                                          : (double *)malloc(slots * sizeof(double));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t begin = c * CHUNK, len = (begin + CHUNK < n ? begin + CHUNK : n) - begin;
+        double *local_p = partial + (size_t)c * 2 * (size_t)k, *local_r = local_p + k;
+        for (int i = 0; i < k; i++) local_p[i] = local_r[i] = 0.0;
+        if (sign)
+            mixed_backward_chunk(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, 1, local_p, local_r);
+        else if (!backward_unsigned_fixed(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r))
+            mixed_backward_chunk_unsigned(g + begin, x + begin, gx + begin, len, p, r, s, levels, k, local_p, local_r);
     }
+    double sum_p[MAX_K] = {0}, sum_r[MAX_K] = {0};
+    for (int64_t c = 0; c < chunks; c++)
+        for (int i = 0; i < k; i++) {
+            sum_p[i] += partial[(size_t)c * 2 * (size_t)k + (size_t)i];
+            sum_r[i] += partial[(size_t)c * 2 * (size_t)k + (size_t)k + (size_t)i];
+        }
+    if (partial != partial_on_stack) free(partial);
     for (int i = 0; i < k; i++) {
         grad_p[i] = (float)sum_p[i];
         grad_r[i] = (float)((double)p[i] * sum_r[i]);
@@ -355,13 +360,14 @@ void lsq_forward(const float *x, float *y, int64_t outer, int64_t inner, const f
     }
 }
 
-/* grad_step: `outer` floats, each group's sum (in double) times grad_scale, rounded once */
+/* grad_step: `outer` floats, each group's sum (in double) times grad_scale, rounded once. Every chunk's
+ * sum goes to its own slot and each group's slots are added in chunk order, so the result is the same
+ * whatever thread took which chunk and however many threads ran (no atomics on floating point). */
 void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int64_t inner, const float *step,
                   float qn, float qp, double grad_scale, float *grad_step, int threads) {
     const int64_t chunks_per_group = n_chunks(inner), chunks = outer * chunks_per_group;
-    double sums_on_stack[64];
-    double *sums = outer <= 64 ? sums_on_stack : (double *)malloc((size_t)outer * sizeof(double));
-    for (int64_t o = 0; o < outer; o++) sums[o] = 0.0;
+    double partial_on_stack[256];
+    double *partial = chunks <= 256 ? partial_on_stack : (double *)malloc((size_t)chunks * sizeof(double));
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t o = c / chunks_per_group, offset = (c % chunks_per_group) * CHUNK;
@@ -387,11 +393,14 @@ void lsq_backward(const float *g, const float *x, float *gx, int64_t outer, int6
             sum += gj * (levels - v * inside);
         }
         for (int l = 0; l < LANES; l++) sum += acc[l];
-#pragma omp atomic
-        sums[o] += sum;
+        partial[c] = sum;
     }
-    for (int64_t o = 0; o < outer; o++) grad_step[o] = (float)(sums[o] * grad_scale);
-    if (sums != sums_on_stack) free(sums);
+    for (int64_t o = 0; o < outer; o++) {
+        double sum = 0.0;
+        for (int64_t c = o * chunks_per_group; c < (o + 1) * chunks_per_group; c++) sum += partial[c];
+        grad_step[o] = (float)(sum * grad_scale);
+    }
+    if (partial != partial_on_stack) free(partial);
 }
 
 /* The supernet's mixed min-max weight over K low-bit candidates (EdMIPS/GMPQ weight quantizer):
