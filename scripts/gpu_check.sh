@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path on a CUDA machine, in at most about 8 minutes (a few on an H200):
-#   1. the tests marked `gpu` (tests/gpu: the fused kernels against the eager functions, forward and
+#   1. the tests marked `gpu` (tests/gpu: the compiled kernel backend against the reference ops, forward and
 #      gradients; the FFCV loader's device transfer; bf16/fp16 training through DeepSpeed; two-pass
 #      steps on CUDA), their outcome into benchmarks/results/gpu/gpu_tests.json;
 #   2. benchmarks/quant_overhead.py and benchmarks/search_step.py with --device cuda, their figures
