@@ -1,7 +1,7 @@
 """How much a fine-tuned top-1 moves with the seed and the kernel backend: the spread that decides
 whether `make run`'s "searched minus baseline" line means anything.
 
-Given the run directory of an `mpq pipeline` (its `pretrain/` checkpoint and `search/policy.json`),
+Given the run directory of an `mpq pipeline` (its `pretrain/` checkpoint and `finetune/policy.json`),
 fine-tunes and evaluates the searched policy and the baseline (`uniform-budget`) once per seed and
 per variant (a set of overrides, e.g. a kernel backend), each pair with the same seed (the same data
 order: a paired comparison), and prints top-1 per run, the mean and sample standard deviation per
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     run = args.run.resolve()
     checkpoint = run / "pretrain" / "checkpoints" / "last"
-    policy_file = run / "search" / "policy.json"
+    policy_file = run / "finetune" / "policy.json"  # the policy the pipeline fine-tuned (searched or swept)
     for path in (checkpoint, policy_file):
         if not path.exists():
             raise SystemExit(f"{path} is missing: --run must be the directory of an `mpq pipeline` run")

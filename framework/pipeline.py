@@ -186,8 +186,8 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
             f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * metrics['top1']:>8.2f} %",
             f"  {'uniform-budget (baseline)':<28}{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
             f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline['top1']:>8.2f} %",
-            f"  searched minus baseline: {100 * (metrics['top1'] - baseline['top1']):+.2f} points (one seed: "
-            f"`mpq study` gives the seed spread)",
+            f"  searched minus baseline: {100 * (metrics['top1'] - baseline['top1']):+.2f} points (one seed, same data "
+            f"order; its seed spread: benchmarks/finetune_spread.py --run {run_dir})",
         ]
     exported = metrics.get("export")
     if exported:

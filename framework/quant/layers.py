@@ -63,7 +63,7 @@ class _QuantMixin:
         self.weight_quant = make_weight_quantizer(qcfg.weight, self.w_bits, out_channels,
                                                   per_channel=bool(qcfg.per_channel))
         self.act_quant = make_act_quantizer(qcfg.activation, self.a_bits, float(qcfg.act_init_range),
-                                            str(qcfg.get("act_init", "mse")))
+                                            str(qcfg.get("act_init", "lsq")))
         self.macs = 0.0
         # SAQ (sharpness-aware quantization) hooks: a perturbation added *after* quantization, and the
         # quantized weight of the last forward pass kept with its gradient (case 3 perturbs along it)
@@ -132,7 +132,7 @@ class _SearchMixin:
             make_weight_quantizer(qcfg.weight, b, out_channels, per_channel) for b in self.w_candidates
         )
         init_range = float(qcfg.act_init_range)
-        act_init = str(qcfg.get("act_init", "mse"))
+        act_init = str(qcfg.get("act_init", "lsq"))
         self.act_quants = nn.ModuleList(make_act_quantizer(qcfg.activation, b, init_range, act_init)
                                         for b in self.a_candidates)
         self.gumbel_tau = qcfg.gumbel_tau
