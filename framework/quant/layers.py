@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant import kernels
+from framework.quant import kernels, reference
 from framework.quant.quantizers import (
     FULL_PRECISION,
     LearnedRangeActQuantizer,
@@ -189,7 +189,7 @@ class _SearchMixin:
             rhos = [q.range for q in self.act_quants]
             x_mix = backend.mixed_learned_range_of_params(x, aa, rhos, self._act_levels(signed), signed)
         elif signed is not None:
-            ranges = torch.stack([q.range for q in self.act_quants]).abs() + 1e-8
+            ranges = reference.ranges_of([q.range for q in self.act_quants])
             x_mix = backend.mixed_learned_range(x, probs[1], ranges, self._act_levels(signed), signed)
         else:
             probs = probs or self._mixing_weights()
