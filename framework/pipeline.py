@@ -21,6 +21,7 @@ from framework.stages.evaluate import run_evaluate
 from framework.stages.export import run_export
 from framework.stages.finetune import run_finetune
 from framework.stages.pretrain import run_pretrain
+from framework.stats import paired_difference
 from framework.tune.sweep import run_sweep
 
 #: what the pipeline's result.json keeps of the export's metrics
@@ -121,6 +122,19 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
                     **{k: evaluated.metrics.get(k) for k in ("top1", "gbitops", "size_mb", "avg_w_bits", "avg_a_bits")}}
         artifacts["baseline_checkpoint"] = fine.artifacts["checkpoint"]
 
+    # pipeline.seeds > 1: the same fine-tunes again at seeds seed+1, seed+2, ... (the searched policy and
+    # the baseline share each seed, hence its data order): the spread the summary's difference is read against
+    seeds = [int(cfg.seed) + i for i in range(int(cfg.pipeline.seeds))]
+    top1_by_seed = {"searched": [ev.metrics["top1"]], "baseline": [baseline["top1"]] if baseline else []}
+    for seed in seeds[1:]:
+        runs = [("searched", f"finetune_seed{seed}", candidates[0]["policy"])]
+        if baseline is not None:
+            runs.append(("baseline", f"finetune_baseline_seed{seed}", BASELINE_POLICY))
+        for label, folder, policy in runs:
+            fine = timed(folder, run_finetune, sub_config(cfg, run_dir / folder, init_checkpoint=fp_checkpoint,
+                                                          policy=policy, seed=seed))
+            top1_by_seed[label].append(fine.metrics["top1"])
+
     metrics = {
         "fp_top1": pre.metrics["top1"],
         "top1": ev.metrics["top1"],
@@ -128,6 +142,9 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
         "size_mb": ev.metrics["size_mb"],
         "avg_w_bits": ev.metrics.get("avg_w_bits"),
         "avg_a_bits": ev.metrics.get("avg_a_bits"),
+        "seeds": seeds,
+        "top1_seeds": top1_by_seed["searched"],
+        "top1_mean": sum(top1_by_seed["searched"]) / len(seeds),
         "seconds": round(sum(r["seconds"] for r in rows), 2),
         "stage_seconds": {r["stage"]: round(r["seconds"], 2) for r in rows},
     }
@@ -136,7 +153,10 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
         metrics["proxy_top1"] = rows[1]["metrics"].get("proxy_top1")
     if baseline is not None:
         metrics.update(baseline_top1=baseline["top1"], baseline_gbitops=baseline["gbitops"],
-                       baseline_size_mb=baseline["size_mb"], top1_minus_baseline=ev.metrics["top1"] - baseline["top1"])
+                       baseline_size_mb=baseline["size_mb"], top1_minus_baseline=ev.metrics["top1"] - baseline["top1"],
+                       baseline_top1_seeds=top1_by_seed["baseline"],
+                       baseline_top1_mean=sum(top1_by_seed["baseline"]) / len(seeds),
+                       paired=paired_difference(top1_by_seed["searched"], top1_by_seed["baseline"]))
         extra["baseline"] = baseline
     if policy_stage == "sweep":
         metrics["selected_trial"] = rows[1]["metrics"]["selected_trial"]
@@ -165,6 +185,17 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
     return f"top-1 {100 * m['top1']:.2f} % ({m['steps']} steps)"
 
 
+def paired_verdict(paired: dict[str, Any], seeds: list[int]) -> str:
+    """The summary's reading of the paired difference searched - baseline (framework.stats)."""
+    if paired["n"] == 1:
+        return (f"{100 * paired['mean']:+.2f} points at one seed: no verdict (pipeline.seeds=3 fine-tunes both at 3 "
+                f"paired seeds and gives the difference's 95 % interval)")
+    values = ", ".join(f"{100 * v:+.2f}" for v in paired["values"])
+    return (f"{100 * paired['mean']:+.2f} points, mean of {paired['n']} paired seeds ({values}); "
+            f"{round(100 * paired['confidence'])} % interval [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}]: "
+            f"{paired['verdict']}")
+
+
 def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path,
                    policy_stage: str | None = "search", candidates: list[dict[str, Any]] | None = None,
                    baseline: dict[str, Any] | None = None) -> str:
@@ -178,16 +209,24 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         f"(searched layers, MAC-weighted), {metrics['gbitops']:.4f} GBitOps, {metrics['size_mb']:.4f} MB",
         f"  quantized top-1        {100 * metrics['top1']:6.2f} %",
     ]
+    seeds = metrics.get("seeds") or [cfg.seed]
+    if len(seeds) > 1:
+        lines[-1] += (f"   (seed {seeds[0]}; over seeds {', '.join(map(str, seeds))}: mean "
+                      f"{100 * metrics['top1_mean']:.2f} %, range {100 * min(metrics['top1_seeds']):.2f}-"
+                      f"{100 * max(metrics['top1_seeds']):.2f} %)")
     if baseline is not None:
+        several = len(seeds) > 1
+        searched_top1 = metrics["top1_mean"] if several else metrics["top1"]
+        baseline_top1 = metrics["baseline_top1_mean"] if several else baseline["top1"]
         lines += [
             "",
-            f"  {'policy':<28}{'W/A bits':>12}{'GBitOps':>10}{'size MB':>9}{'top-1':>10}",
+            f"  {'policy':<28}{'W/A bits':>12}{'GBitOps':>10}{'size MB':>9}"
+            f"{'top-1' + (f' (mean of {len(seeds)} seeds)' if several else ''):>{24 if several else 10}}",
             f"  {'searched (' + method + ')':<28}{metrics['avg_w_bits']:>6.2f}/{metrics['avg_a_bits']:<5.2f}"
-            f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * metrics['top1']:>8.2f} %",
+            f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * searched_top1:>{22 if several else 8}.2f} %",
             f"  {'uniform-budget (baseline)':<28}{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
-            f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline['top1']:>8.2f} %",
-            f"  searched minus baseline: {100 * (metrics['top1'] - baseline['top1']):+.2f} points (one seed, same data "
-            f"order; its seed spread: benchmarks/finetune_spread.py --run {run_dir})",
+            f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline_top1:>{22 if several else 8}.2f} %",
+            f"  searched minus baseline: {paired_verdict(metrics['paired'], seeds)}",
         ]
     exported = metrics.get("export")
     if exported:

@@ -226,7 +226,7 @@ def smoke_pipeline(tmp_path_factory):
     """`mpq pipeline experiment=smoke`, run once for the session (the command test and the
     experiment test both check it): its run directory, Aim repository, overrides and the process."""
     base = tmp_path_factory.mktemp("smoke_pipeline")
-    overrides = ["experiment=smoke", f"tracking.repo={base / 'aim'}"]
+    overrides = ["experiment=smoke", "pipeline.seeds=2", f"tracking.repo={base / 'aim'}"]
     proc = run_mpq("pipeline", *overrides, f"hydra.run.dir={base / 'run'}")
     return {"run_dir": base / "run", "aim_repo": base / "aim", "overrides": overrides, "proc": proc}
 

@@ -43,6 +43,7 @@ class PipelineConfig(Schema):
     sweep: Flag
     baseline: Flag
     export: Flag
+    seeds: whole(1)
 
 
 class PrepareConfig(Schema):

@@ -85,9 +85,11 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     result = read_result(tmp_path)
     assert result["status"] == "ok"
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline"]
+        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline",
+        "finetune_seed1", "finetune_baseline_seed1"]  # the fixture runs pipeline.seeds=2
     stages = {name: read_result(tmp_path / name) for name in (
-        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline")}
+        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline", "finetune_seed1",
+        "finetune_baseline_seed1")}
     assert stages["pretrain"]["metrics"]["steps"] == 20
     assert stages["search"]["metrics"]["steps"] == 6 and stages["finetune"]["metrics"]["steps"] == 6
     # the fine-tuned model is the searched policy, and evaluate scores the fine-tuned checkpoint
@@ -114,6 +116,19 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     assert result["metrics"]["baseline_gbitops"] <= stages["search"]["metrics"]["budget_gbitops"] * (1 + 1e-9)
     assert result["metrics"]["baseline_top1"] == stages["evaluate_baseline"]["metrics"]["top1"]
     assert result["metrics"]["top1_minus_baseline"] == pytest.approx(result["metrics"]["top1"] - result["metrics"]["baseline_top1"])
+    # pipeline.seeds=2: both policies fine-tuned again at seed 1 from the same checkpoint, read as a paired difference
+    for name, policy in (("finetune_seed1", stages["finetune"]), ("finetune_baseline_seed1", stages["finetune_baseline"])):
+        again = stages[name]
+        assert again["config"]["seed"] == 1 and again["config"]["policy"] == policy["config"]["policy"]
+        assert again["config"]["init_checkpoint"] == policy["config"]["init_checkpoint"]
+    metrics = result["metrics"]
+    assert metrics["seeds"] == [0, 1]
+    assert metrics["top1_seeds"] == [metrics["top1"], stages["finetune_seed1"]["metrics"]["top1"]]
+    assert metrics["baseline_top1_seeds"] == [metrics["baseline_top1"], stages["finetune_baseline_seed1"]["metrics"]["top1"]]
+    paired = metrics["paired"]
+    assert paired["values"] == pytest.approx([a - b for a, b in zip(metrics["top1_seeds"], metrics["baseline_top1_seeds"], strict=False)])
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    assert "mean of 2 paired seeds" in proc.stdout and paired["verdict"] in proc.stdout
 
 
 def test_readme_names_the_two_commands():

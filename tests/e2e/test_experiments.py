@@ -58,8 +58,9 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     assert ran.pop("run_dir") == str(run_dir) and expected.pop("run_dir") is None
     assert ran == expected
 
+    again = [f"{name}_seed{cfg.seed + i}" for i in range(1, cfg.pipeline.seeds) for name in ("finetune", "finetune_baseline")]
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline"]
+        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline", *again]
     stages = {row["stage"]: read_result(run_dir / row["stage"]) for row in result["stages"]}
     for stage, count in steps.items():
         assert stages[stage]["metrics"]["steps"] == count, stage
