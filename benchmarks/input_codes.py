@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from framework.data import build_dataset, build_loader
 from framework.paths import CONF_DIR
-from framework.quant.quantizers import LSQQuantizer, int_range
+from framework.quant.quantizers import ACT_INITS, LSQQuantizer, int_range
 
 
 def main(overrides: list[str]) -> None:
@@ -26,7 +26,7 @@ def main(overrides: list[str]) -> None:
     train = build_loader(build_dataset(cfg.data, "train", train_transforms=False), 128, True, cfg.data, seed=0)
     first = next(iter(train))[0]
     test = build_loader(build_dataset(cfg.data, "test"), 1000, False, cfg.data)
-    for init in ("lsq", "mse"):
+    for init in ACT_INITS:  # auto: mse at 8 bits
         q = LSQQuantizer(8, signed=None, activation=True, init=init)
         q(first)
         qn, qp = int_range(8, bool(q._signed))

@@ -70,6 +70,7 @@ class DataConfig(Schema):
     fraction: between(0, 1, low_open=True) | None
     per_class: whole(1) | None
     test_fraction: between(0, 1, low_open=True) | None
+    val_fraction: between(0, 1, high_open=True)
     seed: whole(0)
     augment: Flag
     loader: one_of(_loaders)

@@ -62,13 +62,15 @@ def number(minimum: float = 0, strict: bool = False) -> Any:
                   float)
 
 
-def between(low: float, high: float, low_open: bool = False) -> Any:
-    """A number in [low, high], or (low, high] with `low_open` (a fraction of a split)."""
-    if low_open and (low, high) == (0, 1):
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Any:
+    """A number in [low, high], or (low, high] with `low_open` (a fraction of a split), [low, high)
+    with `high_open` (a share held out of a split)."""
+    if low_open and not high_open and (low, high) == (0, 1):
         expected = "expected a fraction in (0, 1]"
     else:
-        expected = f"expected a number in {'(' if low_open else '['}{low:g}, {high:g}]"
-    return _typed(lambda v: _is_number(v) and (low < v if low_open else low <= v) and v <= high, expected, float)
+        expected = f"expected a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return _typed(lambda v: _is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high),
+                  expected, float)
 
 
 def number_in(bounds: Callable[[], Sequence[float]]) -> Any:

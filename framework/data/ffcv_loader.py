@@ -273,7 +273,8 @@ def build_ffcv_loader(dataset: Dataset, batch_size: int, train: bool, data_cfg: 
     spec = get_dataset_spec(info["dataset"])
     rows, split_size = rows_of(dataset)
     whole = dataset.dataset if isinstance(dataset, Subset) else dataset
-    path, _ = check_beton(data_cfg, info["split"], split_size, getattr(whole, "classes", None))
+    # a validation split is rows of the training file's beton
+    path, _ = check_beton(data_cfg, info.get("source_split", info["split"]), split_size, getattr(whole, "classes", None))
     size = len(rows)
     if train:
         micro = min(int(batch_size), size)

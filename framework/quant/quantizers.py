@@ -68,11 +68,8 @@ class LSQQuantizer(nn.Module):
     with `init="mse"` the step minimising `||Q(x) - x||^2` on that batch over 100 steps up to the one
     that clips nothing (the MSE initialisation of LSQ+, Bhalgat et al. 2020); `init="lsq"` the paper's
     `2 mean|x| / sqrt(Qp)`, whose range `2 mean|x| sqrt(Qp)` outgrows the data at 8 bits (a
-    normalised image's 8-bit input used 18 of 256 codes); `init="auto"` MSE at 8 bits (the fixed
-    first and last layers' inputs), LSQ's formula below. `lsq` is the default (`quant.act_init`):
-    with `mse` or `auto`, SAQ fine-tuning (rho 0.3) of a briefly pretrained ResNet-8 drove the input
-    step below zero within 4 steps (tests/integration/test_search.py), which the paper's larger
-    initial step survives.
+    normalised image's 8-bit input used 18 of 256 codes); `init="auto"` (the default of
+    `quant.act_init`) MSE at 8 bits (the fixed first and last layers' inputs), LSQ's formula below.
     """
 
     def __init__(self, bits: int, signed: bool | None = True, per_channel: bool = False, channels: int = 1,

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from framework import __version__
-from framework.data import build_dataset, build_loader, get_dataset_spec
+from framework.data import build_dataset, build_loader, get_dataset_spec, validation_split
 from framework.errors import MPQError
 from framework.policy import (
     BudgetLimits,
@@ -128,7 +128,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         proxy_cfg.channels = channels  # the proxy is fed to the target model
         proxy_cfg.input_size = proxy_cfg.input_size or target_size
     proxy_train = build_dataset(proxy_cfg, "train")
-    proxy_val = build_dataset(proxy_cfg, "test")
+    proxy_val = build_dataset(proxy_cfg, validation_split(proxy_cfg))  # held-out proxy training data
     proxy_classes = proxy_train.mpq_info["num_classes"]
     batch_size = int(scfg.batch_size or cfg.train.batch_size)
     train_loader = build_loader(proxy_train, batch_size, True, proxy_cfg, seed=int(cfg.seed))

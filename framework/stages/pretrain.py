@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from framework import __version__
-from framework.data import build_dataset
+from framework.data import build_dataset, validation_split
 from framework.results import Result
 from framework.stage import build_model, model_meta, start_stage
 from framework.stages.training import TrainingJob, run_training_stage
@@ -25,6 +25,7 @@ def run_pretrain(cfg: DictConfig) -> Result:
     model = build_model(meta, cfg.model.weights).to(device)
     job = TrainingJob(
         stage="pretrain", model=model, train_set=train_set, test_set=test_set, data_cfg=cfg.data,
+        val_set=build_dataset(cfg.data, "val") if validation_split(cfg.data) == "val" else None,
         train_cfg=cfg.train, batch_key="train.batch_size",
         meta={"stage": "pretrain", "model": meta,
               "data": {"name": str(cfg.data.name), "input_size": cfg.data.input_size, "channels": int(cfg.data.channels)},

@@ -45,13 +45,14 @@ class TrainingJob:
     sharpness: Any = None
     metrics: dict[str, Any] = field(default_factory=dict)
     on_start: Callable[[Any, Any], dict[str, str]] | None = None
+    val_set: Any = None  # the held-out validation part (data.val_fraction); None: validate on test_set
 
 
 def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device: torch.device) -> Result:
     """Train `job.model` for `job.train_cfg.epochs` epochs on every rank; rank 0 writes the result.
 
-    `metrics`: top-1 and loss of the final model on the test split, the best validation top-1 and
-    its epoch, steps, epochs, sample counts, the global batch and seconds, plus `job.metrics`.
+    `metrics`: top-1 and loss of the final model on the test split, the best validation top-1 (on
+    `job.val_set` when there is one, else the test split) and its epoch, steps, epochs, sample counts, the global batch and seconds, plus `job.metrics`.
     `artifacts`: `checkpoint` (`checkpoints/last`) and `best_checkpoint`, plus `on_start`'s.
     """
     with open_process_group(device, cfg.dist.backend, cfg.dist.timeout_min) as ranks:
@@ -64,7 +65,7 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
             trained = train_on_target(cfg, model=job.model, train_set=job.train_set, test_set=job.test_set,
                                       data_cfg=job.data_cfg, train_cfg=job.train_cfg, batch_key=job.batch_key,
                                       meta=job.meta, run_dir=run_dir, device=device, ranks=ranks, tracker=tracker,
-                                      resume=resume, sharpness=job.sharpness)
+                                      resume=resume, sharpness=job.sharpness, val_set=job.val_set)
         except RuntimeError as err:
             reason = lost_peer_reason(err) if ranks.distributed else None
             if reason is not None:
@@ -79,6 +80,7 @@ def run_training_stage(cfg: DictConfig, job: TrainingJob, run_dir: Path, device:
         **job.metrics,
         "steps": fitted.steps, "epochs": len(fitted.history),
         "train_samples": len(job.train_set), "test_samples": len(job.test_set),
+        "val_samples": len(job.val_set) if job.val_set is not None else None,
         "global_batch": trained.geometry.global_batch, "seconds": round(time.time() - started, 2),
     }
     ckpt_dir = run_dir / "checkpoints"

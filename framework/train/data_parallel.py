@@ -65,18 +65,22 @@ class TrackLearningRate(Hook):
 def train_on_target(
     cfg: DictConfig, *, model: nn.Module, train_set, test_set, data_cfg: Any, train_cfg: Any, batch_key: str,
     meta: dict[str, Any], run_dir: Path, device: torch.device, ranks: Ranks, tracker, resume: Checkpoint | None,
-    sharpness: Any = None,
+    sharpness: Any = None, val_set=None,
 ) -> TargetTraining:
     """Train `model` (already on `device`, quantized or not) for `train_cfg.epochs` epochs.
 
     `train_cfg` holds `batch_size` (the global batch), `epochs`, `max_steps`, `optim`, `val_every`.
     `resume` is this run's `checkpoints/last` when resuming. Checkpoints go to `run_dir/checkpoints`.
+    `val_set` (the held-out part of the training split, `data.val_fraction`) is what validation and
+    the `best` checkpoint read, `test_set` then scored once at the end; without it, `test_set` is both.
     """
     geometry = batch_geometry(int(train_cfg.batch_size), cfg.dist, ranks.world_size, batch_key)
     train_loader = build_loader(train_set, geometry.micro_batch, True, data_cfg, seed=int(cfg.seed),
                                 accumulation=geometry.accumulation, rank=ranks.rank, world_size=ranks.world_size)
     test_loader = build_loader(test_set, cfg.train.eval_batch_size, False, data_cfg, rank=ranks.rank,
                                world_size=ranks.world_size)
+    val_loader = None if val_set is None else build_loader(val_set, cfg.train.eval_batch_size, False, data_cfg,
+                                                           rank=ranks.rank, world_size=ranks.world_size)
     if len(train_loader) == 0:
         raise MPQError(f"the training set has {len(train_set)} samples, fewer than one global batch of "
                        f"{geometry.global_batch}; raise data.fraction or lower {batch_key}")
@@ -101,6 +105,7 @@ def train_on_target(
     plan = FitPlan(total_steps, device, run_dir / "checkpoints", {**meta, "world_size": ranks.world_size},
                    tracker=tracker, val_every=int(train_cfg.val_every), checkpoint_every=int(cfg.checkpoint_every or 0),
                    saver=EngineCheckpointWriter(engine, model, ranks))
-    fitted = fit(model, Loaders(train_loader, test_loader), step, plan, hooks=[TrackLearningRate(tracker, optimizer)],
+    loaders = Loaders(train_loader, test_loader) if val_loader is None else Loaders(train_loader, val_loader, test_loader)
+    fitted = fit(model, loaders, step, plan, hooks=[TrackLearningRate(tracker, optimizer)],
                  resume=state)
     return TargetTraining(fitted, geometry, total_steps)

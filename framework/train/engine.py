@@ -32,8 +32,13 @@ Saver = Callable[[Path, dict[str, Any], dict[str, Any] | None], Path]
 
 
 class Loaders(NamedTuple):
+    """`val` is what validation (and the `best` checkpoint) reads; `test`, when given, is scored once
+    after the last epoch and is the run's final result. Without `test`, `val` is both (a run with no
+    held-out validation part)."""
+
     train: DataLoader
     val: DataLoader
+    test: DataLoader | None = None
 
 
 @dataclass
@@ -178,6 +183,10 @@ def fit(model: nn.Module, loaders: Loaders, step: TrainingStep, plan: FitPlan, h
             entry: dict[str, Any] = {"epoch": epoch, "step": out.steps, "train_loss": stats["loss"], "train_top1": stats["top1"]}
             if epoch % plan.val_every == 0 or last_epoch:
                 _validate(model, loaders.val, plan, out, epoch, entry, epoch_meta, saver)
+            if last_epoch and loaders.test is not None:
+                out.final = evaluate(model, loaders.test, plan.device, desc="test")
+                plan.tracker.track("top1", out.final["top1"], step=out.steps, subset="test")
+                entry.update(test_loss=out.final["loss"], test_top1=out.final["top1"])
             for hook in on_epoch_end:
                 hook(epoch, entry)
             out.history.append(entry)

@@ -27,8 +27,13 @@ def test_pretrain_acceptance_command_writes_ok_result(pretrained_run):
     assert result["stage"] == "pretrain" and result["status"] == "ok"
     # one epoch of 23 steps reaches 0.47-0.48 on the 10,000 test images (seeds 0, 1); chance is 0.1
     assert result["metrics"]["top1"] > 0.3, result["metrics"]
-    assert result["metrics"]["test_samples"] == 10000 and result["metrics"]["steps"] == 3000 // 128
-    assert result["metrics"]["train_samples"] == 3000  # 5% of 60000, class-balanced
+    assert result["metrics"]["test_samples"] == 10000 and result["metrics"]["steps"] == 2700 // 128
+    # 5% of the 54,000 training images left after data.val_fraction=0.1 held 6,000 out, class-balanced
+    assert result["metrics"]["train_samples"] == 2700 and result["metrics"]["val_samples"] == 6000
+    # the best checkpoint is chosen on the held-out images; the test split is scored once, at the end
+    history = result["history"]
+    assert result["metrics"]["best_top1"] == max(entry["val_top1"] for entry in history)
+    assert history[-1]["test_top1"] == result["metrics"]["top1"]
     assert result["config"]["model"]["name"] == "resnet8"
     assert result["config"]["data"]["fraction"] == 0.05
     assert result["artifacts"]["checkpoint"] == str(pretrained_run["run_dir"] / "checkpoints" / "last")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from framework.data import build_dataset
+from framework.data import build_dataset, validation_split
 from framework.data.registry import targets_of
 from framework.errors import MPQError
 from tests.conftest import make_image_tree
@@ -18,7 +18,7 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 def data_cfg(name, **kw):
     base = {"name": name, "root": None, "input_size": None, "channels": None, "fraction": 1.0,
-            "per_class": None, "test_fraction": 1.0, "seed": 0, "augment": False, "loader": "torch", "num_workers": 0}
+            "per_class": None, "test_fraction": 1.0, "val_fraction": 0.0, "seed": 0, "augment": False, "loader": "torch", "num_workers": 0}
     return OmegaConf.create({**base, **kw})
 
 
@@ -77,3 +77,24 @@ def test_imagefolder_without_a_tree_is_a_clear_error(tmp_path):
 def test_unknown_dataset_lists_the_registered_ones():
     with pytest.raises(MPQError, match="fashion_mnist"):
         build_dataset(data_cfg("cifar10"), "train")
+
+
+def test_the_validation_split_is_a_fixed_balanced_share_of_the_training_file_never_trained_on():
+    """data.val_fraction: selections read held-out training images, the same ones whatever the run's seed."""
+    cfg = data_cfg("fashion_mnist", val_fraction=0.1, seed=0)
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert len(train) == 54000 and len(val) == 6000
+    assert Counter(targets_of(val).tolist()) == {c: 600 for c in range(10)}
+    assert not set(train.indices) & set(val.indices) and len(set(train.indices) | set(val.indices)) == 60000
+    again = build_dataset(data_cfg("fashion_mnist", val_fraction=0.1, seed=5, fraction=0.1), "val")
+    assert again.indices == val.indices  # another seed (and train subset) holds out the same images
+    subset = build_dataset(data_cfg("fashion_mnist", val_fraction=0.1, seed=5, fraction=0.1), "train")
+    assert len(subset) == 5400 and not set(subset.indices) & set(val.indices)  # the fraction is of the rest
+    assert val.mpq_info["split"] == "val" and val.mpq_info["source_split"] == "train"
+    assert val.mpq_train_transforms is False  # seen as the test split is: no augmentation
+    assert validation_split(cfg) == "val" and validation_split(data_cfg("fashion_mnist")) == "test"
+
+
+def test_a_validation_split_without_a_share_is_a_clear_error():
+    with pytest.raises(MPQError, match="data.val_fraction"):
+        build_dataset(data_cfg("fashion_mnist"), "val")
