@@ -7,8 +7,10 @@ two-pass step counts its batch twice) and that compute relative to the `study.re
 policy searched on the target itself); the fine-tuned model's largest Hessian eigenvalue and
 surrogate gap.
 
-A row differs from a baseline row only when its mean top-1 differs by more than the two rows'
-seed spreads added (|mean_a - mean_b| > std_a + std_b); anything smaller is reported as no difference.
+A row is compared with a baseline row seed by seed (the two fine-tunes of one seed share their data
+order): the mean of the paired differences of top-1 with its two-sided 95 % t interval
+(framework.stats.paired_difference); the row is `better` or `worse` only when that interval
+excludes 0, else `no difference`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from framework.results import atomic_write_text
+from framework.stats import paired_difference
 from framework.study.figures import plot_accuracy_vs_cost, plot_policies, plot_radius_traces
 
 LANDSCAPE_KEYS = ("hessian_top_eigenvalue", "surrogate_gap")
@@ -45,6 +48,7 @@ def summarise_row(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
     summary: dict[str, Any] = {
         "name": row["name"], "label": row.get("label") or row["name"], "source": _source(row),
         "seeds": [r["seed"] for r in runs], "runs": [r["dir"] for r in runs], "n": len(runs),
+        "top1_by_seed": {str(r["seed"]): r["top1"] for r in runs},
         "top1_mean": _mean(top1), "top1_std": _std(top1),
         "top1_min": min(top1) if top1 else None, "top1_max": max(top1) if top1 else None,
         "gbitops_mean": _mean([r["gbitops"] for r in runs]), "size_mb_mean": _mean([r["size_mb"] for r in runs]),
@@ -76,13 +80,16 @@ def _source(row: dict[str, Any]) -> str:
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Row `a` against row `b`: the difference of mean top-1 and whether it exceeds the seed spread."""
-    if a.get("top1_mean") is None or b.get("top1_mean") is None:
-        return {"against": b["name"], "delta": None, "spread": None, "verdict": "not measured"}
-    delta = a["top1_mean"] - b["top1_mean"]
-    spread = (a["top1_std"] or 0.0) + (b["top1_std"] or 0.0)
-    verdict = "no difference" if abs(delta) <= spread else ("better" if delta > 0 else "worse")
-    return {"against": b["name"], "delta": delta, "spread": spread, "verdict": verdict}
+    """Row `a` against row `b` over the seeds both finished: the paired difference of top-1 (`delta`,
+    its mean), its 95 % interval (`low`, `high`), the per-seed `values`, `n` and the `verdict`."""
+    a_seeds, b_seeds = a.get("top1_by_seed") or {}, b.get("top1_by_seed") or {}
+    shared = sorted(set(a_seeds) & set(b_seeds), key=int)
+    if not shared:
+        return {"against": b["name"], "delta": None, "low": None, "high": None, "n": 0, "values": [],
+                "verdict": "not measured"}
+    paired = paired_difference([a_seeds[k] for k in shared], [b_seeds[k] for k in shared])
+    return {"against": b["name"], "delta": paired["mean"], "low": paired["low"], "high": paired["high"],
+            "n": paired["n"], "values": paired["values"], "seeds": [int(k) for k in shared], "verdict": paired["verdict"]}
 
 
 def build_report(study: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[str, Any]],
@@ -168,13 +175,16 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{_num(s.get('surrogate_gap_mean'), '.3g')} |"
         )
     lines += ["", "## Against the baselines", "",
-              "A difference counts only when it exceeds the two rows' seed spreads added.", ""]
+              "Paired by seed (the two fine-tunes of a seed share their data order): the mean difference of top-1 "
+              "with its 95 % t interval; a row is better or worse only when the interval excludes 0.", ""]
     for s in report["rows"]:
         for c in s["comparisons"]:
             if c["delta"] is None:
                 continue
-            lines.append(f"- {s['label']} vs {c['against']}: {100 * c['delta']:+.2f} points "
-                         f"(spread {100 * c['spread']:.2f}): **{c['verdict']}**")
+            interval = (f"95 % interval [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" if c.get("low") is not None
+                        else "one seed, no interval")
+            lines.append(f"- {s['label']} vs {c['against']}: {100 * c['delta']:+.2f} points over {c['n']} paired "
+                         f"seeds, {interval}: **{c['verdict']}**")
     lines += ["", "## Plots", ""]
     for key, title in (("accuracy_vs_cost", "Top-1 against GBitOps"), ("policies", "Per-layer bits of each policy"),
                        ("radius", "ASGA's perturbation radius during the search")):

@@ -104,11 +104,17 @@ def test_asga_rows_record_the_radius_they_searched_with(smoke_study):
     assert "radius" in report["figures"]
 
 
-def test_a_difference_inside_the_seed_spread_is_no_difference():
-    a = {"name": "a", "top1_mean": 0.80, "top1_std": 0.01}
-    assert compare(a, {"name": "b", "top1_mean": 0.79, "top1_std": 0.005})["verdict"] == "no difference"
-    assert compare(a, {"name": "b", "top1_mean": 0.75, "top1_std": 0.01})["verdict"] == "better"
-    assert compare(a, {"name": "b", "top1_mean": 0.85, "top1_std": 0.01})["verdict"] == "worse"
+def test_rows_are_compared_seed_by_seed():
+    """A consistent gain on every shared seed is a difference even when it is smaller than the seed
+    spread of either row (the paired design removes what the seed does to both); an inconsistent one is not."""
+    a = {"name": "a", "top1_by_seed": {"0": 0.80, "1": 0.83, "2": 0.86, "3": 0.90}}
+    consistent = compare(a, {"name": "b", "top1_by_seed": {"0": 0.795, "1": 0.824, "2": 0.856}})
+    assert consistent["verdict"] == "better" and consistent["n"] == 3 and consistent["seeds"] == [0, 1, 2]
+    assert consistent["low"] > 0 and consistent["delta"] == pytest.approx((0.005 + 0.006 + 0.004) / 3)
+    mixed = compare(a, {"name": "b", "top1_by_seed": {"0": 0.79, "1": 0.84, "2": 0.85}})
+    assert mixed["verdict"] == "no difference" and mixed["low"] < 0 < mixed["high"]
+    assert compare(a, {"name": "b", "top1_by_seed": {"0": 0.85, "1": 0.88, "2": 0.90}})["verdict"] == "worse"
+    assert compare(a, {"name": "b", "top1_by_seed": {"7": 0.8}})["verdict"] == "not measured"
 
 
 def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
