@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from framework import __version__
-from framework.data import build_dataset, build_loader
+from framework.data import build_dataset, build_loader, validation_split
 from framework.errors import MPQError
 from framework.policy import write_policy
 from framework.results import Result
@@ -65,6 +65,7 @@ def run_finetune(cfg: DictConfig) -> Result:
     cost = policy.cost["target"]
     job = TrainingJob(
         stage="finetune", model=model, train_set=train_set, test_set=test_set, data_cfg=data_cfg,
+        val_set=build_dataset(data_cfg, "val") if validation_split(data_cfg) == "val" else None,
         train_cfg=cfg.finetune, batch_key="finetune.batch_size", sharpness=cfg.finetune.sharpness,
         meta={"stage": "finetune", "model": meta,
               "data": {"name": str(cfg.data.name), "input_size": geometry.input_size, "channels": geometry.in_channels},
