@@ -169,10 +169,12 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
                   if isinstance(m, (SearchConv2d, SearchLinear))}
     tracker = open_tracker(cfg, stage)
     rho_trace: list[tuple[int, float]] = []  # the two-pass rule's radius at every two-pass step (ASGA's adapts)
+    grad_norm_trace: list[tuple[int, float]] = []  # ||g|| of the first pass beside it (ASGA's gap scales with it)
 
     def on_step(step: int, loss: float, top1: float, info: dict[str, float]) -> None:
         if "rho" in info:
             rho_trace.append((step, float(info["rho"])))
+            grad_norm_trace.append((step, float(info.get("grad_norm", float("nan")))))
 
     def on_epoch_end(epoch: int, entry: dict[str, Any]) -> None:
         entry.update(expected_gbitops=float(expected_bitops(model).detach()) / 1e9, **{
@@ -256,6 +258,6 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
     result = Result(stage, metrics=metrics, artifacts=artifacts,
                     extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info(),
-                           "rho_trace": rho_trace, "resume": resume_record(cfg, run_dir, resume)})
+                           "rho_trace": rho_trace, "grad_norm_trace": grad_norm_trace, "resume": resume_record(cfg, run_dir, resume)})
     write_result(run_dir, result, cfg)
     return result

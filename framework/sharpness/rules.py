@@ -39,9 +39,11 @@ def global_norm(tensors: Tensors) -> torch.Tensor:
 class SAM:
     rho: float = 0.05
     name: str = "sam"
+    last_grad_norm: float = float("nan")  # ||g|| of the last perturbation (logged beside rho)
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
-        scale = self.rho / (float(global_norm(grads)) + 1e-12)
+        self.last_grad_norm = float(global_norm(grads)) if grads else 0.0
+        scale = self.rho / (self.last_grad_norm + 1e-12)
         return list(torch._foreach_mul(grads, scale)) if grads else []
 
     def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ class SAM:
         pass
 
     def state(self) -> dict[str, float]:
-        return {"rho": self.rho}
+        return {"rho": self.rho, "grad_norm": self.last_grad_norm}
 
     def load_state(self, state: dict[str, float]) -> None:
         self.rho = float(state.get("rho", self.rho))
@@ -68,6 +70,7 @@ class ASAM(SAM):
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
         scales = [p.detach().abs() + self.eta for p in params]
+        self.last_grad_norm = float(global_norm(grads)) if grads else 0.0
         norm = float(global_norm([t * g for t, g in zip(scales, grads, strict=True)])) + 1e-12
         return [self.rho * t * t * g / norm for t, g in zip(scales, grads, strict=True)]
 
@@ -84,8 +87,8 @@ class ASGA(SAM):
     last_gap: float = 0.0
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
-        norm = float(global_norm(grads)) + 1e-12
-        coefficient = self.rho / norm - self.lookback
+        self.last_grad_norm = float(global_norm(grads)) if grads else 0.0
+        coefficient = self.rho / (self.last_grad_norm + 1e-12) - self.lookback
         return list(torch._foreach_mul(grads, coefficient)) if grads else []
 
     def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
@@ -107,7 +110,8 @@ class ASGA(SAM):
             self.rho = adaptive_radius(self.gap_ema, self.rho_min, self.rho_max)
 
     def state(self) -> dict[str, float]:
-        return {"rho": self.rho, "gap_ema": self.gap_ema if self.gap_ema is not None else float("nan"), "gap": self.last_gap}
+        return {"rho": self.rho, "gap_ema": self.gap_ema if self.gap_ema is not None else float("nan"), "gap": self.last_gap,
+                "grad_norm": self.last_grad_norm}
 
     def load_state(self, state: dict[str, float]) -> None:
         self.rho = float(state.get("rho", self.rho))

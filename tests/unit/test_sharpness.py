@@ -89,6 +89,16 @@ def test_adaptive_radius_follows_the_clipped_log_of_the_gap_ema():
     assert adaptive_radius(0.1, 0.01, 0.3) == pytest.approx(math.log(1.1))
 
 
+@pytest.mark.parametrize("rule", [SAM(rho=0.05), ASGA(rho=0.05)], ids=["sam", "asga"])
+def test_the_state_logs_the_gradient_norm_the_radius_was_divided_by(rule):
+    """||g|| beside rho at every two-pass step: ASGA's gap h ~ rho ||g|| makes its radius follow ||g||."""
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[0.0, 4.0]])]
+    eps = rule.perturbation(grads, [torch.zeros(2), torch.zeros(1, 2)])
+    assert rule.state()["grad_norm"] == pytest.approx(5.0)
+    lookback = getattr(rule, "lookback", 0.0)
+    assert float(torch.cat([e.flatten() for e in eps]).norm()) == pytest.approx(5.0 * (0.05 / 5.0 - lookback))
+
+
 def _qat_model():
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10, in_channels=1)
