@@ -173,7 +173,11 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
     if stage == "search":
         # repair_applied: the policy fitted to the budget differs from the argmax of the logits
         repaired = " (repaired to budget)" if m.get("repair_applied") else ""
-        return f"proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps{repaired}"
+        decided = ""
+        if m.get("entropy") is not None:
+            decided = (f", entropy {m['entropy']:.2f}" + (" (undecided: the budget fit chose the policy)"
+                                                          if m.get("undecided") else ""))
+        return f"proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps{repaired}{decided}"
     if stage == "sweep":
         return (f"{m['finished']} of {m['trials']} trials finished ({m['stopped']} stopped early); selected trial "
                 f"{m['selected_trial']}: proxy top-1 {100 * m['proxy_top1']:.2f} %, {m['gbitops']:.4f} GBitOps")
@@ -220,12 +224,12 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         baseline_top1 = metrics["baseline_top1_mean"] if several else baseline["top1"]
         lines += [
             "",
-            f"  {'policy':<28}{'W/A bits':>12}{'GBitOps':>10}{'size MB':>9}"
-            f"{'top-1' + (f' (mean of {len(seeds)} seeds)' if several else ''):>{24 if several else 10}}",
+            f"  {'policy':<28}{'W/A bits':>12}{'GBitOps':>10}{'size MB':>9}{'top-1':>10}"
+            + (f"   (mean of {len(seeds)} seeds)" if several else ""),
             f"  {'searched (' + method + ')':<28}{metrics['avg_w_bits']:>6.2f}/{metrics['avg_a_bits']:<5.2f}"
-            f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * searched_top1:>{22 if several else 8}.2f} %",
+            f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * searched_top1:>8.2f} %",
             f"  {'uniform-budget (baseline)':<28}{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
-            f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline_top1:>{22 if several else 8}.2f} %",
+            f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline_top1:>8.2f} %",
             f"  searched minus baseline: {paired_verdict(metrics['paired'], seeds)}",
         ]
     exported = metrics.get("export")
@@ -242,12 +246,12 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
         ]
     lines += [
         "",
-        f"  {'stage':<18}{'time (s)':>10}   result",
+        f"  {'stage':<24}{'time (s)':>10}   result",
     ]
     for row in rows:
         note = _stage_note(row["stage"], row["metrics"])
-        lines.append(f"  {row['stage']:<18}{row['seconds']:>10.1f}   {note}")
-    lines.append(f"  {'total':<18}{sum(r['seconds'] for r in rows):>10.1f}")
+        lines.append(f"  {row['stage']:<24}{row['seconds']:>10.1f}   {note}")
+    lines.append(f"  {'total':<24}{sum(r['seconds'] for r in rows):>10.1f}")
     if policy_stage == "sweep" and len(candidates or []) > 1:
         lines += ["", f"  {'policy':<8}{'trial':<14}{'proxy top-1':>12}{'GBitOps':>10}{'top-1':>10}   (best on the proxy first)"]
         for rank, c in enumerate(candidates or []):

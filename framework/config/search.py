@@ -21,10 +21,14 @@ def _penalties() -> tuple[str, ...]:
 
 
 class ComplexityConfig(Schema):
-    """`search.complexity`: lambda_c and the penalty of the expected BitOps."""
+    """`search.complexity`: lambda_c and the penalty of the expected BitOps, or (`mode=dual`) the
+    budget as a constraint with a Lagrange multiplier (its start and dual-ascent rate)."""
 
     weight: number(0)
     penalty: one_of(_penalties)
+    mode: one_of(("penalty", "dual"))
+    dual_lr: number(0)
+    lambda_init: number(0)
 
 
 class MarginConfig(Schema):
@@ -48,6 +52,8 @@ class SearchConfig(Schema):
     momentum: between(0, 1)
     weight_decay: number(0)
     logit_weight_decay: number(0)
+    warmup_steps: whole(0)
+    gumbel_tau_final: number(0, strict=True) | None
     budget_bitops: number(0, strict=True) | None
     budget_uniform_bits: number_in(supported_bits) | None
     budget_size_mb: number(0, strict=True) | None
@@ -57,6 +63,16 @@ class SearchConfig(Schema):
     margin: MarginConfig
     sharpness: SharpnessConfig
     quant: QuantConfig
+
+    @model_validator(mode="after")
+    def _v2_options(self):
+        if self.complexity.mode == "dual" and self.budget_bitops is None and self.budget_uniform_bits is None:
+            raise sentence("search.complexity.mode=dual needs a BitOps budget: set search.budget_bitops or "
+                           "search.budget_uniform_bits (or search.complexity.mode=penalty)")
+        if self.gumbel_tau_final is not None and not self.quant.gumbel_tau:
+            raise sentence(f"search.gumbel_tau_final={self.gumbel_tau_final} anneals the Gumbel temperature: set "
+                           f"search.quant.gumbel_tau (its start) too, or drop it")
+        return self
 
     @model_validator(mode="after")
     def _hinge_needs_a_budget(self):

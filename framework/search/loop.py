@@ -51,6 +51,7 @@ from framework.quant import (
     trace_layers,
 )
 from framework.results import Result, write_result
+from framework.search.decisiveness import decisiveness
 from framework.search.step import SearchStep
 from framework.stage import build_model, load_full_precision_checkpoint, model_meta, start_stage
 from framework.track import open_tracker
@@ -160,7 +161,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     reference = budget if penalty_mode == "hinge" else float(
         sum(layer.macs * max(qcfg.candidates_w) * max(qcfg.candidates_a) for layer in layers)
     )
-    searcher = SearchStep(model, scfg, proxy_classes, penalty_mode, reference, device)
+    searcher = SearchStep(model, scfg, proxy_classes, penalty_mode, reference, device, budget=budget)
     total_steps = schedule_length(train_loader, int(scfg.epochs), scfg.max_steps)
     searcher.schedule(total_steps)
     rule, last_terms = searcher.rule, searcher.last_terms
@@ -206,6 +207,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
             hooks=[Callbacks(on_step=on_step, on_epoch_end=on_epoch_end)], resume=resume.training_state if resume is not None else None,
         )
         bits, probs = derive_bits(model)
+        argmax = dict(bits)
         repair_record: dict[str, Any] = {"applied": False}
         if limits is not None and scfg.repair:  # the exact fit ("repair": the name old policy files know)
             joint = {n for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear)) and m.joint}
@@ -213,6 +215,8 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
                                                 fill=float(scfg.budget_fill))
         proxy_cost = cost_at(proxy_layers, bits, total_params, int(proxy_cfg.input_size), channels)
         target_cost = cost_at(layers, bits, total_params, target_size, channels)
+        decided = decisiveness(probs, argmax, bits, cost_at(layers, argmax, total_params, target_size, channels).bitops,
+                               limits.bitops if limits is not None else None)
         provenance = {
             "method": str(scfg.method),
             "hyperparameters": OmegaConf.to_container(scfg, resolve=True),
@@ -249,6 +253,10 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         "avg_w_bits": average["w_bits"],
         "avg_a_bits": average["a_bits"],
         "uniform": len(searched_bits) <= 1,
+        "entropy": decided["entropy"],  # mean normalised entropy of the final bit distributions
+        "undecided": decided["undecided"],
+        "argmax_bitops_ratio": decided["argmax_ratio"],
+        "fit_changed_layers": len(decided["fit_changed"]),
         "steps": fitted.steps,
         "images_processed": searcher.images_processed,  # forward passes x images: two passes count twice
         "seconds": round(time.time() - started, 2),
@@ -258,6 +266,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
     result = Result(stage, metrics=metrics, artifacts=artifacts,
                     extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info(),
+                           "decisiveness": decided,
                            "rho_trace": rho_trace, "grad_norm_trace": grad_norm_trace, "resume": resume_record(cfg, run_dir, resume)})
     write_result(run_dir, result, cfg)
     return result

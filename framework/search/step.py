@@ -8,6 +8,15 @@ Weights and logits are trained together on the same proxy batch (single-level, a
     grad_a  += lambda_c * d penalty(E[BitOps]) / d alpha          (the logits, outside the two passes)
     SGD step of the weights and of the logits, then the weights' cosine schedule
 
+`search.complexity.mode=dual` makes the budget a constraint instead of a fixed weight: the
+Lagrangian term `lambda_t (C / B - 1)` with the multiplier updated by projected dual ascent after
+every step, `lambda_{t+1} = max(0, lambda_t + eta (C_t / B - 1))` (`eta` = `complexity.dual_lr`), so
+the supernet trains near the budget B while the task loss decides where the bits go.
+`search.warmup_steps` first trains the weights alone (logits frozen at their uniform start: the
+supernet adapts to the proxy and to its quantizers before bits are judged, as PLiNIO/FBNet warm up).
+With a Gumbel temperature (`search.quant.gumbel_tau` = tau_0) and `search.gumbel_tau_final` tau_1,
+the temperature anneals exponentially over the logit steps, `tau_t = tau_0 (tau_1 / tau_0)^(t / T)`.
+
 The recorded terms (`ce`, `margin`, `complexity`, `expected_gbitops`) are those at the unperturbed
 weights.
 """
@@ -35,10 +44,24 @@ class SearchStep:
     passes, then the weights' cosine schedule. Call it as `step((images, labels))`.
     """
 
-    def __init__(self, model: nn.Module, scfg, num_classes: int, penalty_mode: str, reference: float, device):
+    def __init__(self, model: nn.Module, scfg, num_classes: int, penalty_mode: str, reference: float, device,
+                 budget: float | None = None):
         self.model = model
         self.lambda_c = float(scfg.complexity.weight)
         self.penalty_mode, self.reference = penalty_mode, float(reference)
+        self.dual = str(scfg.complexity.get("mode", "penalty")) == "dual"
+        if self.dual and not budget:
+            raise MPQError("search.complexity.mode=dual needs a BitOps budget: set search.budget_uniform_bits or "
+                           "search.budget_bitops")
+        self.budget, self.dual_lr = budget, float(scfg.complexity.get("dual_lr", 0.0))
+        self.multiplier = float(scfg.complexity.get("lambda_init", 0.0))  # the Lagrange multiplier (dual mode)
+        self.warmup_steps = int(scfg.get("warmup_steps") or 0)
+        self.steps_taken = 0
+        self.tau0 = scfg.quant.get("gumbel_tau")
+        self.tau1 = scfg.get("gumbel_tau_final")
+        if self.tau1 is not None and not self.tau0:
+            raise MPQError("search.gumbel_tau_final anneals a Gumbel temperature: set search.quant.gumbel_tau too")
+        self.total_steps = 0
         self.logits = [p for n, p in model.named_parameters() if n.endswith(LOGITS)]
         weights = [p for n, p in model.named_parameters() if not n.endswith(LOGITS)]
         # multi-tensor updates (torch picks them by itself on CUDA only): a supernet has hundreds of small
@@ -70,10 +93,47 @@ class SearchStep:
 
     def schedule(self, total_steps: int) -> None:
         """Cosine decay of the weights' learning rate over `total_steps` (the logits keep theirs)."""
+        self.total_steps = int(total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_w, lambda s: cosine_with_warmup(s, total_steps, 0, 0.0))
 
+    @property
+    def warming_up(self) -> bool:
+        return self.steps_taken < self.warmup_steps
+
+    def _set_phase(self) -> None:
+        """Logits frozen during the warm-up; the annealed Gumbel temperature after it."""
+        for p in self.logits:
+            p.requires_grad_(not self.warming_up)
+        if self.tau1 is not None:
+            span = max(self.total_steps - self.warmup_steps - 1, 1)
+            t = min(max(self.steps_taken - self.warmup_steps, 0) / span, 1.0)
+            tau = float(self.tau0) * (float(self.tau1) / float(self.tau0)) ** t
+            for module in self.model.modules():
+                if hasattr(module, "gumbel_tau") and hasattr(module, "alpha_w"):
+                    module.gumbel_tau = tau
+            self.last_terms["gumbel_tau"] = tau
+
+    def _add_dual_gradient(self) -> None:
+        """The Lagrangian term's gradient on the logits, then the multiplier's projected ascent step."""
+        expected = expected_bitops(self.model)
+        violation = expected / float(self.budget) - 1.0
+        if not self.warming_up:
+            term = self.multiplier * violation
+            if term.requires_grad and self.multiplier > 0:
+                grads = torch.autograd.grad(term, self.logits, allow_unused=True)
+                for p, g in zip(self.logits, grads, strict=True):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            self.multiplier = max(0.0, self.multiplier + self.dual_lr * float(violation.detach()))
+        self.last_terms["complexity"] = float((self.multiplier * violation).detach())
+        self.last_terms["lambda"] = self.multiplier
+        self.last_terms["expected_gbitops"] = float(expected.detach()) / 1e9
+
     def _add_complexity_gradient(self) -> None:
-        if self.lambda_c == 0.0:  # no gradient to add (the default): the terms are recorded without a graph
+        if self.dual:
+            self._add_dual_gradient()
+            return
+        if self.lambda_c == 0.0 or self.warming_up:  # no gradient to add: the terms are recorded without a graph
             with torch.no_grad():
                 expected = expected_bitops(self.model)
             self.last_terms["complexity"] = 0.0
@@ -92,6 +152,7 @@ class SearchStep:
     def __call__(self, batch: Batch) -> StepOutput:
         images, labels = batch
         outputs: list[torch.Tensor] = []
+        self._set_phase()
 
         def closure() -> torch.Tensor:
             first_pass = not outputs
@@ -110,6 +171,7 @@ class SearchStep:
             return loss
 
         info = self.two_pass.step(closure, before_update=self._add_complexity_gradient)
+        self.steps_taken += 1
         self.images_processed += len(images) * len(outputs)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -121,7 +183,7 @@ class SearchStep:
         return {"optimizer_w": self.opt_w.state_dict(), "optimizer_a": self.opt_a.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None, "two_pass": self.two_pass.state_dict(),
                 "margin": self.margin_loss.state_dict() if self.margin_loss is not None else None,
-                "images_processed": self.images_processed}
+                "images_processed": self.images_processed, "steps_taken": self.steps_taken, "multiplier": self.multiplier}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt_w.load_state_dict(state["optimizer_w"])
@@ -130,6 +192,8 @@ class SearchStep:
             self.scheduler.load_state_dict(state["scheduler"])
         self.two_pass.load_state_dict(state["two_pass"])
         self.images_processed = int(state.get("images_processed", 0))
+        self.steps_taken = int(state.get("steps_taken", self.two_pass.step_count))
+        self.multiplier = float(state.get("multiplier", self.multiplier))
         if self.margin_loss is not None and state.get("margin"):
             self.margin_loss.load_state_dict(state["margin"])
 

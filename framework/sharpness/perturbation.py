@@ -8,10 +8,14 @@ point and the update follows the rule's direction::
     update  = rule.direction(g, g_p)               for every trained tensor (perturbed or not)
 
 Which tensors are perturbed: every trainable parameter except the search logits (`alpha_w`,
-`alpha_a`) and the weight quantizers' step sizes, i.e. conv/linear weights, biases, batch-norm
-affine parameters and activation clip values (SAQ's defaults; Liu et al., "Sharpness-aware
-quantization for deep neural networks"). The rule is on the dotted name's components, so it also
-holds when a quantized layer is itself the model (its step size is then `weight_quant.step`).
+`alpha_a`), the weight quantizers' step sizes and the LSQ step sizes of activations (any
+parameter named `step`), i.e. conv/linear weights, biases, batch-norm affine parameters and
+learned activation ranges (PACT clip values; Liu et al., "Sharpness-aware quantization for deep
+neural networks"). An LSQ step is a scale of the quantizer, not of the function: a radius sized for
+the weights (SAQ's 0.3) moves a step of 0.016 (an 8-bit image input's) through zero, and SAQ
+fine-tuning then collapsed to chance (tests/integration/test_search.py). The rule is on the dotted
+name's components, so it also holds when a quantized layer is itself the model (its step size is
+then `weight_quant.step`).
 
 SAQ placement for the weights of fixed-precision layers (`saq_case`):
 1. `L(Q(w) + eps(w))`: eps from the gradient of the latent weights, added after quantization;
@@ -31,7 +35,7 @@ from torch import nn
 from framework.quant.layers import QUANT_LAYERS
 from framework.sharpness.rules import SAM
 
-NEVER_PERTURBED = ("alpha_w", "alpha_a")  # leaf names: the search logits
+NEVER_PERTURBED = ("alpha_w", "alpha_a", "step")  # leaf names: the search logits, LSQ step sizes
 WEIGHT_QUANTIZERS = ("weight_quant", "weight_quants")  # module names: everything below them
 
 

@@ -15,6 +15,7 @@ from tests.conftest import compose_config, make_image_tree
 TINY_SEARCH = [
     "proxy.per_class=20",        # 200 MNIST images
     "proxy.test_fraction=0.05",
+    "proxy.val_fraction=0.01",   # 600 held-out images for the proxy top-1
     "search.batch_size=50",
     "search.lr_logits=0.2",      # logits move visibly within a few steps
     "tracking.enabled=false",
@@ -24,7 +25,7 @@ TINY_SEARCH = [
 @pytest.fixture(scope="module")
 def fp_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fp")
-    cfg = compose_config("pretrain", ["data.fraction=0.05", "data.test_fraction=0.05", "train.max_steps=15",
+    cfg = compose_config("pretrain", ["data.fraction=0.05", "data.test_fraction=0.05", "data.val_fraction=0.01", "train.max_steps=15",
                                       "tracking.enabled=false", f"run_dir={run_dir}"])
     return run_pretrain(cfg).artifacts["checkpoint"]
 
@@ -51,6 +52,12 @@ def test_every_method_gives_a_valid_non_uniform_policy_under_budget(tmp_path, fp
         assert result.metrics["rho"] != pytest.approx(0.05) and 0.01 <= result.metrics["rho"] <= 0.3, result.metrics["rho"]
     if "seam" in method:
         assert "margin" in result.extra["history"][-1]
+    # how decisive it ended, from the policy's own final probabilities
+    decided = result.extra["decisiveness"]
+    assert result.metrics["entropy"] == pytest.approx(decided["entropy"]) and 0.0 <= decided["entropy"] <= 1.0
+    assert result.metrics["undecided"] == (decided["entropy"] > 0.8)
+    assert result.metrics["fit_changed_layers"] == len(decided["fit_changed"])
+    assert result.metrics["repair_applied"] == bool(decided["fit_changed"])
 
 
 def test_a_tight_budget_is_met_by_the_policy(tmp_path, fp_checkpoint):
@@ -134,3 +141,27 @@ def test_a_proxy_with_other_classes_keeps_the_target_costs(tmp_path, fp_checkpoi
                     recompute=lambda s, c: cost_at(trace_layers(target, s, c), policy.bits(), float_parameter_count(target), s, c))
     assert policy.cost["target"].size_mb == pytest.approx(
         cost_at(layers, policy.bits(), float_parameter_count(target), 28, 1).size_mb)
+
+
+def test_warmup_freezes_the_logits_then_the_dual_multiplier_holds_the_budget(tmp_path, fp_checkpoint):
+    """Search v2's mechanics: during search.warmup_steps only the weights move (the bit probabilities
+    stay uniform); with complexity.mode=dual the multiplier rises while the expected BitOps exceed the
+    budget and never goes below 0; the Gumbel temperature anneals from tau_0 to tau_final."""
+    common = ["search=dnas", "search.budget_uniform_bits=2.5", "search.quant.gumbel_tau=5.0",
+              "search.gumbel_tau_final=0.5", "search.complexity.mode=dual", "search.complexity.dual_lr=5.0"]
+    warm = _search(tmp_path / "warm", fp_checkpoint, *common, "search.max_steps=3", "search.warmup_steps=3")
+    probs = read_policy(warm.artifacts["policy"]).provenance["probabilities"]
+    for dist in probs.values():  # three warm-up steps of three: the logits never moved from uniform
+        assert dist["w"] == pytest.approx([0.25] * 4) and dist["a"] == pytest.approx([0.25] * 4)
+    assert warm.extra["decisiveness"]["entropy"] == pytest.approx(1.0)
+    assert warm.extra["history"][-1]["lambda"] == 0.0  # no ascent while warming up
+
+    searched = _search(tmp_path / "dual", fp_checkpoint, *common, "search.max_steps=6", "search.warmup_steps=2")
+    last = searched.extra["history"][-1]
+    assert last["gumbel_tau"] == pytest.approx(0.5)  # annealed to tau_final at the last logit step
+    budget = searched.metrics["budget_gbitops"]
+    # the supernet starts at uniform probabilities over {2, 3, 4, 6}: E[BitOps] far above a 2.5-bit budget,
+    # so every logit step's violation is positive and the multiplier only grows
+    assert last["expected_gbitops"] > budget and last["lambda"] > 0.0
+    probs = read_policy(searched.artifacts["policy"]).provenance["probabilities"]
+    assert any(dist["w"] != pytest.approx([0.25] * 4) for dist in probs.values())  # the logits moved after the warm-up

@@ -12,7 +12,8 @@ from tests.conftest import compose_config
 
 TINY_TRIAL = [
     "proxy.per_class=15",        # 150 MNIST images: 10 steps of 15 per epoch
-    "proxy.test_fraction=0.02",  # 200 validation images
+    "proxy.test_fraction=0.02",  # 200 test images
+    "proxy.val_fraction=0.004",  # 240 held-out training images: the proxy top-1 a sweep selects by
     "search.batch_size=15",
     "tune.cpus_per_trial=1",
     "tune.max_concurrent=2",

@@ -1,6 +1,7 @@
 """Which parameters the second pass perturbs: weights, biases, batch-norm affine parameters and
-activation clip values; never the weight quantizers' step sizes nor the search logits, also when
-a quantized layer is itself the model (its step size is then `weight_quant.step`, no leading dot)."""
+learned activation ranges (PACT clips); never an LSQ step size (weights' or activations') nor the
+search logits, also when a quantized layer is itself the model (its step size is then
+`weight_quant.step`, no leading dot)."""
 
 import pytest
 import torch
@@ -29,14 +30,14 @@ def _perturbed(model: nn.Module) -> set[str]:
     return {name for name, _ in opt.perturbed}
 
 
-@pytest.mark.parametrize("qcfg,clip", [(LSQ, "act_quant.step"), (LEARNED_RANGE, "act_quant.range")])
+@pytest.mark.parametrize("qcfg,clip", [(LSQ, None), (LEARNED_RANGE, "act_quant.range")])
 @pytest.mark.parametrize("make", [lambda q: QConv2d.from_float(nn.Conv2d(2, 3, 3), 4, 4, q),
                                   lambda q: QLinear.from_float(nn.Linear(5, 3), 4, 4, q)])
 def test_a_quantized_layer_as_the_root_module_keeps_its_weight_step_out(make, qcfg, clip):
     layer = make(qcfg)
     names = {n for n, _ in layer.named_parameters()}
     assert "weight_quant.step" in names  # the parameter the old substring rule (".weight_quant") missed
-    assert _perturbed(layer) == {"weight", "bias", clip}
+    assert _perturbed(layer) == {"weight", "bias"} | ({clip} if clip else set())
 
 
 def test_the_root_layers_step_size_stays_put_in_the_second_pass():
@@ -68,25 +69,26 @@ def _expected(model: nn.Module, clip_of) -> set[str]:
             expected.add(prefix + "weight")
             if module.bias is not None:
                 expected.add(prefix + "bias")
-        if isinstance(module, (QConv2d, QLinear)):
+        if isinstance(module, (QConv2d, QLinear)) and clip_of(module.act_quant):
             expected.add(f"{prefix}act_quant.{clip_of(module.act_quant)}")
         if isinstance(module, (SearchConv2d, SearchLinear)):
-            expected.update(f"{prefix}act_quants.{i}.{clip_of(q)}" for i, q in enumerate(module.act_quants))
+            expected.update(f"{prefix}act_quants.{i}.{clip_of(q)}" for i, q in enumerate(module.act_quants) if clip_of(q))
     return expected
 
 
-def _clip(quantizer: nn.Module) -> str:
-    return "range" if hasattr(quantizer, "range") else "step"
+def _clip(quantizer: nn.Module) -> str | None:
+    """A learned range (PACT) is perturbed; an LSQ step is not."""
+    return "range" if hasattr(quantizer, "range") else None
 
 
-def test_a_quantized_model_perturbs_weights_bn_and_clips_but_not_weight_steps():
+def test_a_quantized_model_perturbs_weights_and_bn_but_no_lsq_step():
     torch.manual_seed(0)
     model = create_model("resnet8", num_classes=10, in_channels=1)
     layers = trace_layers(model, 28, 1)
     quantize_model(model, {layer.name: (4, 4) for layer in layers}, LSQ, layers)
     perturbed = _perturbed(model)
-    steps = {n for n in dict(model.named_parameters()) if n.endswith("weight_quant.step")}
-    assert len(steps) == len(layers)
+    steps = {n for n in dict(model.named_parameters()) if n.endswith(".step")}
+    assert len(steps) == 2 * len(layers)  # a weight and an input step per layer
     assert perturbed == _expected(model, _clip)
     assert not steps & perturbed
     assert {"bn1.weight", "bn1.bias"} <= perturbed
@@ -106,7 +108,7 @@ def test_a_supernet_perturbs_neither_its_logits_nor_its_candidates_weight_steps(
 
 
 @pytest.mark.parametrize("name,perturbed", [
-    ("weight", True), ("act_quant.step", True), ("layer1.0.bn1.bias", True),
+    ("weight", True), ("act_quant.step", False), ("act_quant.range", True), ("layer1.0.bn1.bias", True),
     ("weight_quant.step", False), ("conv.weight_quant.step", False), ("conv.weight_quants.2.step", False),
     ("weight_quants.0.step", False), ("alpha_w", False), ("layer.alpha_a", False),
     ("weight_quantizer_head.weight", True),  # a module merely named alike is not a weight quantizer
