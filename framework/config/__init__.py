@@ -8,7 +8,7 @@ sharpness rules, FFCV options). One module per group, mirroring conf/:
 - :mod:`framework.config.model`, :mod:`framework.config.train`, :mod:`framework.config.finetune`,
   :mod:`framework.config.quant` (`quant` and `search.quant`), :mod:`framework.config.search`,
   :mod:`framework.config.sharpness` (`search.sharpness`, `finetune.sharpness`),
-  :mod:`framework.config.landscape`,
+  :mod:`framework.config.landscape`, :mod:`framework.config.sensitivity`,
   :mod:`framework.config.tune`, :mod:`framework.config.tracking`, :mod:`framework.config.launcher`,
   :mod:`framework.config.dist`
 - :mod:`framework.config.root`: the root keys (seed, device, threads, checkpoint_every, resume,

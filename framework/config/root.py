@@ -19,6 +19,7 @@ from framework.config.launcher import LocalLauncher, RayLauncher, SlurmLauncher
 from framework.config.model import ModelConfig
 from framework.config.quant import QuantConfig
 from framework.config.search import SearchConfig
+from framework.config.sensitivity import SensitivityConfig
 from framework.config.study import StudyConfig
 from framework.config.tracking import TrackingConfig
 from framework.config.train import TrainConfig
@@ -81,6 +82,7 @@ class RootConfig(Schema):
     search: SearchConfig
     finetune: FinetuneConfig
     landscape: LandscapeConfig
+    sensitivity: SensitivityConfig
     export: ExportConfig
     tracking: TrackingConfig
     tune: TuneConfig | None = None  # absent from a sweep trial's config only

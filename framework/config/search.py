@@ -26,7 +26,7 @@ class ComplexityConfig(Schema):
 
     weight: number(0)
     penalty: one_of(_penalties)
-    mode: one_of(("penalty", "dual"))
+    mode: one_of(("penalty", "dual", "dual_target"))
     dual_lr: number(0)
     lambda_init: number(0)
 
@@ -66,8 +66,8 @@ class SearchConfig(Schema):
 
     @model_validator(mode="after")
     def _v2_options(self):
-        if self.complexity.mode == "dual" and self.budget_bitops is None and self.budget_uniform_bits is None:
-            raise sentence("search.complexity.mode=dual needs a BitOps budget: set search.budget_bitops or "
+        if self.complexity.mode != "penalty" and self.budget_bitops is None and self.budget_uniform_bits is None:
+            raise sentence(f"search.complexity.mode={self.complexity.mode} needs a BitOps budget: set search.budget_bitops or "
                            "search.budget_uniform_bits (or search.complexity.mode=penalty)")
         if self.gumbel_tau_final is not None and not self.quant.gumbel_tau:
             raise sentence(f"search.gumbel_tau_final={self.gumbel_tau_final} anneals the Gumbel temperature: set "

@@ -1,6 +1,7 @@
 """Bit-width policies: the policy file (:mod:`~framework.policy.schema`), per-layer bits from a
 search or a baseline (:mod:`~framework.policy.bits`), the budget from the config
-(:mod:`~framework.policy.budget`) and the exact fit of a policy to it (:mod:`~framework.policy.knapsack`)."""
+(:mod:`~framework.policy.budget`) and the exact fit of a policy to it, by probabilities or by given scores
+(:mod:`~framework.policy.knapsack`)."""
 
 from framework.policy.bits import (
     derive_bits,
@@ -12,7 +13,13 @@ from framework.policy.bits import (
     uniform_budget_bits,
 )
 from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
-from framework.policy.knapsack import DEFAULT_FILL, check_budget_reachable, fit_to_budget, log_probability
+from framework.policy.knapsack import (
+    DEFAULT_FILL,
+    check_budget_reachable,
+    fit_scores_to_budget,
+    fit_to_budget,
+    log_probability,
+)
 from framework.policy.schema import (
     SCHEMA,
     Budget,
@@ -39,6 +46,7 @@ __all__ = [
     "DEFAULT_FILL",
     "derive_bits",
     "draw_bits",
+    "fit_scores_to_budget",
     "fit_to_budget",
     "LayerPolicy",
     "log_probability",

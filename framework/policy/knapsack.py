@@ -15,10 +15,14 @@ binary x_{l,w,a} per layer and pair:
 
 so the chosen policy is the most probable one (the product of its per-layer probabilities, the
 per-layer categorical distributions of the search being independent) among those that meet the
-budget. F_bitops = sum MACs_l * w_l * a_l over the layers that are not searched (fixed layers, at
-their bits), and F_size = sum params_l * w_l over them + 32 * every parameter that is no conv or
-linear weight: the size of framework.quant.cost.policy_cost, in bits. eps = 1e-12 keeps a
-probability of zero finite (such a pair is chosen only when nothing else fits).
+budget. :func:`fit_scores_to_budget` solves the same problem for arbitrary per-(layer, pair) scores
+s_l(w, a) (e.g. minus a sensitivity, `policy=hawq`), under the same rows and the same fill rule; the
+solver sees them divided by max |s_l(w, a)| (the same optimum; HiGHS stops at an absolute gap of
+1e-6, which must not swallow the differences of small scores). F_bitops = sum MACs_l * w_l * a_l
+over the layers that are not searched (fixed layers, at their bits), and F_size = sum params_l * w_l
+over them + 32 * every parameter that is no conv or linear weight: the size of
+framework.quant.cost.policy_cost, in bits. eps = 1e-12 keeps a probability of zero finite (such a
+pair is chosen only when nothing else fits).
 
 **Fill.** A policy far under its budget wastes it: the first solve asks for at least
 `fill * budget` (`search.budget_fill`, 0.97 by default); when no policy lies in
@@ -74,6 +78,25 @@ def pair_options(
     return [(w, a, score_w[w] + score_a[a]) for w in sorted(score_w) for a in sorted(score_a)]
 
 
+def score_options(
+    candidates: tuple[Sequence[int], Sequence[int]], scores: Mapping[tuple[int, int], float], joint: bool = False
+) -> list[tuple[int, int, float]]:
+    """The pairs (w, a, s(w, a)) one layer chooses from, in ascending (w, a), with the scores given per
+    pair: `scores[(w, a)]` for every w of the weight and a of the activation candidates (joint: every
+    (b, b)); a missing or non-finite score is a ValueError."""
+    cw, ca = (sorted(int(b) for b in c) for c in candidates)
+    pairs = [(b, b) for b in cw] if joint else [(w, a) for w in cw for a in ca]
+    options = []
+    for w, a in pairs:
+        if (w, a) not in scores:
+            raise ValueError(f"no score for the pair W{w}/A{a}")
+        score = float(scores[(w, a)])
+        if not math.isfinite(score):
+            raise ValueError(f"the score of the pair W{w}/A{a} is {score}, not a finite number")
+        options.append((w, a, score))
+    return options
+
+
 def bitops_of(layers: Sequence[LayerCost], bits: Mapping[str, tuple[int, int]]) -> int:
     """sum_l MACs_l * w_l * a_l, in integers."""
     return sum(int(layer.macs) * int(bits[layer.name][0]) * int(bits[layer.name][1]) for layer in layers)
@@ -88,12 +111,17 @@ def size_bits_of(layers: Sequence[LayerCost], bits: Mapping[str, tuple[int, int]
 class _Problem:
     """The MILP of one fit: the pair options of each searched layer and the cost rows."""
 
-    def __init__(self, layers, bits, probs, candidates, limits: BudgetLimits, total_params, joint, fill):
+    def __init__(self, layers, bits, probs, candidates, limits: BudgetLimits, total_params, joint, fill, scores=None):
         self.layers, self.limits, self.fill = list(layers), limits, float(fill)
         self.total_params = int(total_params)
         self.searched = [layer for layer in self.layers if layer.name in candidates]
         self.given = {layer.name: tuple(bits[layer.name]) for layer in self.layers if layer.name not in candidates}
-        self.options = [pair_options(candidates[layer.name], probs[layer.name], layer.name in joint) for layer in self.searched]
+        if scores is None:
+            self.options = [pair_options(candidates[layer.name], probs[layer.name], layer.name in joint)
+                            for layer in self.searched]
+        else:
+            self.options = [score_options(candidates[layer.name], scores[layer.name], layer.name in joint)
+                            for layer in self.searched]
         others = [layer for layer in self.layers if layer.name not in candidates]
         # the cost rows: kind -> (coefficients over the variables, the constant part, the limit), in
         # BitOps and in bits of size
@@ -109,6 +137,10 @@ class _Problem:
         starts = np.cumsum([0] + [len(opts) for opts in self.options])
         self.blocks = [(int(starts[i]), int(starts[i + 1])) for i in range(len(self.options))]
         self.scores = np.array([s for opts in self.options for _, _, s in opts], dtype=float)
+        # what the solver maximises: the log-probabilities as they are; given scores over their largest magnitude
+        top = float(np.abs(self.scores).max()) if scores is not None and len(self.scores) else 0.0
+        self.objective = self.scores / top if top > 0 else self.scores
+        self.tie = 1e-9 * (top if top > 0 else 1.0)  # a tie's margin, in the scores' units
 
     # ------------------------------------------------------------------ the policy of a choice
 
@@ -168,7 +200,7 @@ class _Problem:
             constraints = [LinearConstraint(one_each, 1.0, 1.0)] + [
                 LinearConstraint(self.rows[kind][0][None, :] / self.rows[kind][2], lo, hi) for kind, (lo, hi) in bounds.items()
             ]
-            result = milp(-self.scores, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+            result = milp(-self.objective, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
                           options={"mip_rel_gap": 0.0, "presolve": True})
             if result.x is None:
                 return None, result
@@ -246,7 +278,32 @@ def fit_to_budget(
     `bitops_ratio`, `size_mb` and `budget_size_mb` with a size budget, `fill`, `fill_held`, and
     `bitops_before` (the cost of `bits`).
     """
-    problem = _Problem(layers, bits, probs, candidates, limits, total_params, frozenset(joint), fill)
+    return _fit(_Problem(layers, bits, probs, candidates, limits, total_params, frozenset(joint), fill), bits, limits)
+
+
+def fit_scores_to_budget(
+    layers: Sequence[LayerCost],
+    bits: Mapping[str, tuple[int, int]],
+    scores: Mapping[str, Mapping[tuple[int, int], float]],
+    candidates: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+    limits: BudgetLimits,
+    total_params: int,
+    joint: Collection[str] = frozenset(),
+    fill: float = DEFAULT_FILL,
+) -> tuple[Bits, dict[str, Any]]:
+    """The policy of the largest total score `sum_l scores[l][(w_l, a_l)]` within `limits`, filling at
+    least `fill` of the budget when some policy can: :func:`fit_to_budget` with given scores in place
+    of the log-probabilities (the same rows, fill rule, ties and record; `objective` is the total
+    score). `scores[name]` maps every pair (w, a) of the layer's candidates (joint layers: every
+    (b, b)) to a finite number; `bits` gives the layers outside `candidates` and wins ties.
+    """
+    problem = _Problem(layers, bits, None, candidates, limits, total_params, frozenset(joint), fill, scores=scores)
+    return _fit(problem, bits, limits)
+
+
+def _fit(problem: _Problem, bits: Mapping[str, tuple[int, int]], limits: BudgetLimits) -> tuple[Bits, dict[str, Any]]:
+    """The fill rule on `problem`: within [fill * budget, budget] if some policy can be, else within
+    the budget; the given `bits` win a tie; the record of :func:`fit_to_budget`."""
     if not problem.meets(problem.costs(problem.cheapest()), lower=False):
         raise _impossible(problem)
     choice, result, fill_held = None, None, False
@@ -261,7 +318,7 @@ def fit_to_budget(
         raise _impossible(problem)
     given = problem.choice_of(bits)  # a tie goes to the given bits
     if (given is not None and given != choice and problem.meets(problem.costs(problem.bits_of(given)), fill_held)
-            and problem.score_of(given) >= problem.score_of(choice) - 1e-9):
+            and problem.score_of(given) >= problem.score_of(choice) - problem.tie):
         choice = given
     fitted = problem.bits_of(choice)
     costs = problem.costs(fitted)

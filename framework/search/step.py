@@ -10,8 +10,11 @@ Weights and logits are trained together on the same proxy batch (single-level, a
 
 `search.complexity.mode=dual` makes the budget a constraint instead of a fixed weight: the
 Lagrangian term `lambda_t (C / B - 1)` with the multiplier updated by projected dual ascent after
-every step, `lambda_{t+1} = max(0, lambda_t + eta (C_t / B - 1))` (`eta` = `complexity.dual_lr`), so
-the supernet trains near the budget B while the task loss decides where the bits go.
+every step, `lambda_{t+1} = max(0, lambda_t + eta (C_t / B - 1))` (`eta` = `complexity.dual_lr`):
+C <= B. `mode=dual_target` drops the projection (lambda may turn negative), making the budget an
+equality target C = B: the supernet then trains at the cost its policy will be fitted to (at least
+`search.budget_fill` of B) instead of anywhere below it, while the task loss decides where the
+bits go.
 `search.warmup_steps` first trains the weights alone (logits frozen at their uniform start: the
 supernet adapts to the proxy and to its quantizers before bits are judged, as PLiNIO/FBNet warm up).
 With a Gumbel temperature (`search.quant.gumbel_tau` = tau_0) and `search.gumbel_tau_final` tau_1,
@@ -49,7 +52,9 @@ class SearchStep:
         self.model = model
         self.lambda_c = float(scfg.complexity.weight)
         self.penalty_mode, self.reference = penalty_mode, float(reference)
-        self.dual = str(scfg.complexity.get("mode", "penalty")) == "dual"
+        mode = str(scfg.complexity.get("mode", "penalty"))
+        self.dual = mode in ("dual", "dual_target")
+        self.projected = mode == "dual"  # lambda >= 0 (C <= B); dual_target: lambda free (C -> B)
         if self.dual and not budget:
             raise MPQError("search.complexity.mode=dual needs a BitOps budget: set search.budget_uniform_bits or "
                            "search.budget_bitops")
@@ -119,12 +124,14 @@ class SearchStep:
         violation = expected / float(self.budget) - 1.0
         if not self.warming_up:
             term = self.multiplier * violation
-            if term.requires_grad and self.multiplier > 0:
+            if term.requires_grad and self.multiplier != 0:
                 grads = torch.autograd.grad(term, self.logits, allow_unused=True)
                 for p, g in zip(self.logits, grads, strict=True):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
-            self.multiplier = max(0.0, self.multiplier + self.dual_lr * float(violation.detach()))
+            self.multiplier = self.multiplier + self.dual_lr * float(violation.detach())
+            if self.projected:
+                self.multiplier = max(0.0, self.multiplier)
         self.last_terms["complexity"] = float((self.multiplier * violation).detach())
         self.last_terms["lambda"] = self.multiplier
         self.last_terms["expected_gbitops"] = float(expected.detach()) / 1e9

@@ -17,11 +17,19 @@ from framework.stage.models import (
     checkpoint_geometry,
     checkpoint_model,
     data_config_at,
+    full_precision_reference,
     load_full_precision_checkpoint,
     model_from_checkpoint,
     model_meta,
 )
-from framework.stage.policies import Geometry, calibrate, quant_meta, quantize_with_policy, resolve_policy
+from framework.stage.policies import (
+    Geometry,
+    Reference,
+    calibrate,
+    quant_meta,
+    quantize_with_policy,
+    resolve_policy,
+)
 from framework.stage.setup import run_directory, set_threads, start_stage, sub_config
 
 __all__ = [
@@ -34,11 +42,13 @@ __all__ = [
     "data_config_at",
     "distribution_record",
     "finish_stage",
+    "full_precision_reference",
     "load_full_precision_checkpoint",
     "model_from_checkpoint",
     "model_meta",
     "quant_meta",
     "quantize_with_policy",
+    "Reference",
     "resolve_policy",
     "run_directory",
     "set_threads",

@@ -3,6 +3,7 @@ geometry and class count it was trained with."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -12,7 +13,7 @@ from framework.errors import MPQError
 from framework.models import create_model
 from framework.policy import policy_from_dict, validate_policy
 from framework.quant.cost import trace_layers
-from framework.stage.policies import Geometry, calibrate, quantize_with_policy, resolve_policy
+from framework.stage.policies import Geometry, Reference, calibrate, quantize_with_policy, resolve_policy
 from framework.train.checkpoint import Checkpoint, load_checkpoint, load_model_state
 
 
@@ -83,6 +84,22 @@ def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
     return model, policy, layers
 
 
+def full_precision_reference(model, cfg: DictConfig, data_cfg: DictConfig, device, train_set=None) -> Reference:
+    """The :class:`Reference` `policy=hawq` and `policy=sensitivity` measure: the full-precision
+    `model` (its trained weights loaded) and the first `sensitivity.batches` batches of
+    `sensitivity.batch_size` images of the training loader of seed `seed` over `train_set` (the
+    training split without augmentation when not given), loaded only when a policy needs them."""
+    settings = cfg.sensitivity
+
+    def batches():
+        data = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
+        loader = build_loader(data, int(settings.batch_size), True, data_cfg, seed=int(cfg.seed))
+        return [(images.to(device), labels.to(device)) for images, labels in itertools.islice(loader, int(settings.batches))]
+
+    return Reference(model, batches, device, probes=int(settings.probes), seed=int(cfg.seed),
+                     hold_graphs=bool(settings.hold_graphs))
+
+
 def checkpoint_model(ckpt: Checkpoint, cfg: DictConfig, data_cfg: DictConfig, device, train_set=None):
     """The model of a checkpoint on `device`, as `evaluate` and `landscape` score it: a quantized
     checkpoint under its own policy; a full-precision one as it is, or quantized after training under
@@ -97,10 +114,11 @@ def checkpoint_model(ckpt: Checkpoint, cfg: DictConfig, data_cfg: DictConfig, de
             raise MPQError(f"checkpoint {ckpt.path} is already quantized under its own policy; drop policy=")
         meta = ckpt.meta["model"]
         geometry = checkpoint_geometry(ckpt, cfg)
+        calib = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
         policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
-                                        search_cfg=cfg.search)
+                                        search_cfg=cfg.search,
+                                        reference=full_precision_reference(model, cfg, data_cfg, device, calib))
         quantize_with_policy(model, policy, cfg.quant, layers)
         model.to(device)
-        calib = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
         calibrate(model, build_loader(calib, cfg.train.batch_size, True, data_cfg, seed=int(cfg.seed)), device)
     return model.to(device), policy, layers

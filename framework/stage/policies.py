@@ -7,13 +7,22 @@
   `default_rng(seed)`), fitted to the search's budget (`search.budget_*`) exactly: the
   budget-meeting policy closest to the draw (framework.policy.random_bits); without a budget, the draw;
 - `uniform-budget`: the uniform W/A of those candidates with the most BitOps within the budget;
+- `hawq`: per searched layer the pair (w, a) of those candidates ranked by HAWQ's trace-weighted
+  quantization error `Omega_l(w, a)` (Dong et al., HAWQ-V2; Yao et al., HAWQ-V3), measured on the
+  full-precision model; the policy minimising `sum_l Omega_l` within the budget (the exact knapsack,
+  framework.policy.fit_scores_to_budget, with the fill bound `search.budget_fill`);
+- `sensitivity`: the same with ZeroQ's single-layer loss increases (Cai et al., ZeroQ) as `Omega_l`;
 - the path of a `policy.json`, which is validated against the model.
 
-The baselines record their method, seed and fit in `provenance` and the budget in `budget`.
+`hawq` and `sensitivity` (framework.landscape.sensitivity states both measures) need the trained
+full-precision model and training batches: a :class:`Reference`, which the stages that load a
+full-precision checkpoint pass. The baselines record their method, seed or measurements and fit in
+`provenance` and the budget in `budget`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,12 +30,14 @@ import torch
 from torch import nn
 
 from framework.errors import MPQError
+from framework.landscape.sensitivity import hawq_sensitivity, loss_sensitivity
 from framework.policy import (
     DEFAULT_FILL,
     CostAt,
     Policy,
     budget_from_config,
     cost_at,
+    fit_scores_to_budget,
     make_policy,
     parse_random,
     parse_uniform,
@@ -48,18 +59,37 @@ class Geometry:
     in_channels: int
 
 
+@dataclass
+class Reference:
+    """What `policy=hawq` and `policy=sensitivity` are measured on: the full-precision `model` with its
+    trained weights, `batches()` (training batches, loaded when first needed) and the `device`; HAWQ's
+    `probes` Rademacher probes drawn from `seed`, `hold_graphs` as framework.landscape.trace says."""
+
+    model: nn.Module
+    batches: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+    device: torch.device
+    probes: int = 12
+    seed: int = 0
+    hold_graphs: bool = True
+
+
 #: `policy=uniform-budget`
 UNIFORM_BUDGET = "uniform-budget"
+#: `policy=hawq`, `policy=sensitivity`: derived from measurements of the full-precision model
+HAWQ, SENSITIVITY = "hawq", "sensitivity"
 
 
 def resolve_policy(
-    spec: str, model_name: str, build_float: Callable[[], nn.Module], geometry: Geometry, qcfg, *, search_cfg=None
+    spec: str, model_name: str, build_float: Callable[[], nn.Module], geometry: Geometry, qcfg, *, search_cfg=None,
+    reference: Reference | None = None,
 ) -> tuple[Policy, list[LayerCost]]:
     """The :class:`Policy` named by `spec` for the float model `build_float()` at `geometry`.
 
     `qcfg` (`quant`) gives the fixed layers; `search_cfg` (`search`) the candidates and the budget
-    of `random:<seed>` and `uniform-budget` (measured at `geometry`), which need it. Returns the
-    policy (its `cost.target` measured at `geometry`) and the traced layers.
+    of `random:<seed>`, `uniform-budget`, `hawq` and `sensitivity` (measured at `geometry`), which
+    need it; `reference` the full-precision model and batches `hawq` and `sensitivity` measure
+    (without it they are one :class:`MPQError`). Returns the policy (its `cost.target` measured at
+    `geometry`) and the traced layers.
     """
     model = build_float()
     layers = trace_layers(model, geometry.input_size, geometry.in_channels)
@@ -87,6 +117,9 @@ def resolve_policy(
 
     if spec == UNIFORM_BUDGET or parse_random(spec) is not None:
         return _baseline(spec, model_name, layers, total_params, geometry, qcfg, search_cfg), layers
+
+    if spec in (HAWQ, SENSITIVITY):
+        return _derived(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
 
     policy = read_policy(spec)
     source = f"policy file {spec}"
@@ -119,6 +152,51 @@ def _baseline(spec: str, model_name: str, layers: list[LayerCost], total_params:
     target = cost_at(layers, bits, total_params, geometry.input_size, geometry.in_channels)
     return make_policy(model_name, layers, bits, fixed, {"target": target},
                        budget=limits.as_budget() if limits is not None else None, provenance=provenance)
+
+
+def _derived(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
+             search_cfg, reference: Reference | None) -> Policy:
+    """`hawq` or `sensitivity`: `Omega_l(w, a)` measured on `reference` for every searched layer and
+    pair of the search's candidates, then the policy of the least `sum_l Omega_l` within the budget."""
+    if reference is None:
+        raise MPQError(
+            f"policy={spec} is measured on a full-precision checkpoint and training batches, which this stage does not "
+            f"load; derive it where one is given (mpq evaluate checkpoint=<pretrained checkpoint>, mpq finetune "
+            f"init_checkpoint=<pretrained checkpoint>) and pass the policy.json that run writes"
+        )
+    if search_cfg is None:
+        raise ValueError(f"policy={spec} needs the search config (its candidates and budget): pass search_cfg")
+    fixed_bits = fixed_bits_of(qcfg)
+    fixed = fixed_layer_names(layers, fixed_bits)
+    cw, ca = sorted(int(b) for b in search_cfg.quant.candidates_w), sorted(int(b) for b in search_cfg.quant.candidates_a)
+    limits = budget_from_config(search_cfg, layers, fixed, fixed_bits)
+    if limits is None:
+        raise MPQError(f"policy={spec} needs search.budget_uniform_bits, search.budget_bitops or search.budget_size_mb")
+    searched = [layer.name for layer in layers if not (layer.name in fixed and fixed_bits)]
+    started = time.time()
+    model = reference.model.to(reference.device)
+    batches = reference.batches()
+    loaded = time.time()
+    if spec == HAWQ:
+        measured = hawq_sensitivity(model, batches, searched, cw, ca, qcfg, reference.probes, reference.seed,
+                                    reference.hold_graphs)
+    else:
+        measured = loss_sensitivity(model, batches, searched, cw, ca, qcfg)
+    scores = measured.scores()
+    best = {name: max(pairs, key=pairs.__getitem__) for name, pairs in scores.items()}  # the unconstrained optimum
+    given = {layer.name: best.get(layer.name) or (fixed_bits, fixed_bits) for layer in layers}
+    fill = float(getattr(search_cfg, "budget_fill", DEFAULT_FILL))
+    bits, record = fit_scores_to_budget(layers, given, scores, {name: (cw, ca) for name in searched}, limits,
+                                        total_params, fill=fill)
+    measurement = measured.record()
+    for name, entry in measurement["layers"].items():
+        entry["omega"] = measured.omega(name, *bits[name])  # of the chosen pair
+    provenance = {"method": spec, "candidates_w": cw, "candidates_a": ca, "seed": reference.seed, **measurement,
+                  "minimises": "sum_l Omega_l(w_l, a_l)", "load_seconds": round(loaded - started, 3),
+                  "seconds": round(time.time() - loaded, 3), "fit": record}
+    target = cost_at(layers, bits, total_params, geometry.input_size, geometry.in_channels)
+    return make_policy(model_name, layers, bits, fixed, {"target": target}, budget=limits.as_budget(),
+                       provenance=provenance)
 
 
 def quantize_with_policy(model: nn.Module, policy: Policy, qcfg, layers: list[LayerCost]) -> nn.Module:

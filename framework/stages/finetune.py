@@ -15,6 +15,7 @@ from framework.stage import (
     check_classes,
     checkpoint_geometry,
     data_config_at,
+    full_precision_reference,
     load_full_precision_checkpoint,
     quant_meta,
     quantize_with_policy,
@@ -47,10 +48,11 @@ def run_finetune(cfg: DictConfig) -> Result:
     train_set, test_set = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "test")
     check_classes(ckpt, train_set.mpq_info, str(cfg.data.name), "fine-tune on the target it was trained on")
 
-    policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
-                                    search_cfg=cfg.search)
     model = build_model(meta)
     load_model_state(model, ckpt)
+    policy, layers = resolve_policy(str(cfg.policy), meta["name"], lambda: build_model(meta), geometry, cfg.quant,
+                                    search_cfg=cfg.search,
+                                    reference=full_precision_reference(model, cfg, data_cfg, device))
     quantize_with_policy(model, policy, cfg.quant, layers)
     model.to(device)
     calibrate(model, build_loader(train_set, int(cfg.finetune.batch_size), True, data_cfg, seed=int(cfg.seed)), device)
