@@ -86,6 +86,12 @@ def search_budget(model: nn.Module, layers, scfg, total_params: int, fixed, fixe
         searched = {n: m for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear))}
         check_budget_reachable(layers, bits, {n: (m.w_candidates, m.a_candidates) for n, m in searched.items()},
                                limits, total_params, {n for n, m in searched.items() if m.joint})
+        richest = {**bits, **{n: (max(m.w_candidates), max(m.a_candidates)) for n, m in searched.items()}}
+        cost = cost_at(layers, richest, total_params, 1, 1)  # the layers are traced at the budget's resolution already
+        if (limits.bitops is None or cost.bitops <= limits.bitops) and (limits.size_mb is None or cost.size_mb <= limits.size_mb):
+            log.warning("the budget (%s) is met by every policy of the search space, the most expensive included "
+                        "(%.4g GBitOps): the search cannot trade bits; lower search.budget_uniform_bits, "
+                        "search.budget_bitops or search.budget_size_mb", limits.describe(), cost.gbitops)
     return limits
 
 

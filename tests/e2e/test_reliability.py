@@ -6,14 +6,25 @@ nothing that was already written."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 
 from framework.train.checkpoint import load_checkpoint
-from tests.conftest import MPQ, Completed, assert_one_error_line, read_result, run_mpq, run_stage
+from tests.conftest import (
+    MPQ,
+    Completed,
+    assert_one_error_line,
+    compose_config,
+    read_result,
+    run_mpq,
+    run_stage,
+)
 
 TINY = ["data=fashion_mnist", "model=resnet8", "data.fraction=0.02", "data.test_fraction=0.05", "train.epochs=1",
         "tracking.enabled=false"]
@@ -55,6 +66,46 @@ def test_the_pipeline_refuses_an_impossible_budget_before_it_pretrains(tmp_path)
     proc = run_mpq("pipeline", *TINY, "search.budget_size_mb=0.0001", f"hydra.run.dir={run_dir}")
     assert_one_error_line(proc, "pipeline", "size budget", "is impossible", "search.budget_size_mb", run_dir=run_dir)
     assert not (run_dir / "pretrain").exists()
+
+
+@pytest.mark.parametrize("policy,fragments", [
+    ("uniform:9/9", ("policy=uniform:9/9", "9 bits is not supported")),
+    ("uniform:4", ("policy=uniform:4 is malformed",)),
+    ("random:x", ("policy=random:x is malformed",)),
+])
+def test_the_pipeline_refuses_a_bad_fixed_policy_before_it_pretrains(tmp_path, policy, fragments):
+    run_dir = tmp_path / "pipeline"
+    started = time.time()
+    proc = run_mpq("pipeline", *TINY, f"pipeline.policy={policy}", f"hydra.run.dir={run_dir}")
+    assert_one_error_line(proc, "pipeline", *fragments, run_dir=run_dir)
+    assert not (run_dir / "pretrain").exists() and time.time() - started < 60
+
+
+def test_a_budget_every_policy_meets_is_one_warning_line(tmp_path):
+    from framework.search.loop import check_search_budget
+
+    cfg = compose_config("pipeline", [*TINY, "search.budget_uniform_bits=8"])  # the candidates stop at 6 bits
+    with _captured_warnings() as records:
+        check_search_budget(cfg)
+    (line,) = [r.getMessage() for r in records if "met by every policy" in r.getMessage()]
+    assert "search.budget_uniform_bits" in line
+    with _captured_warnings() as records:
+        check_search_budget(compose_config("pipeline", [*TINY, "search.budget_uniform_bits=2.5"]))
+    assert not [r for r in records if "met by every policy" in r.getMessage()]
+
+
+@contextlib.contextmanager
+def _captured_warnings():
+    """The warning records the search loop's logger emits inside the block."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("framework.search.loop")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def _can_mount_tmpfs() -> bool:
