@@ -23,7 +23,7 @@ Framework", CVPR 2020)::
 
 each term with layer l's weight, or its input, quantized and every other layer in full precision,
 on the same batches; the two add, as ZeroQ assumes the layers' and the operands' effects do (ZeroQ
-measures the KL divergence of the outputs on distilled data; here the loss on training batches).
+measures the KL divergence of the outputs on distilled data; here the loss on the batches given: the held-out validation split by default).
 
 **The quantizers** `Q_b` are the fine-tune's (`quant`) at their initialisation, built as
 framework.quant.convert builds a fixed layer (`QConv2d`/`QLinear.from_float`): LSQ weights at

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from framework.data import build_dataset, build_loader
+from framework.data import build_dataset, build_loader, validation_split
 from framework.errors import MPQError
 from framework.models import create_model
 from framework.policy import policy_from_dict, validate_policy
@@ -87,12 +87,16 @@ def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
 def full_precision_reference(model, cfg: DictConfig, data_cfg: DictConfig, device, train_set=None) -> Reference:
     """The :class:`Reference` `policy=hawq` and `policy=sensitivity` measure: the full-precision
     `model` (its trained weights loaded) and the first `sensitivity.batches` batches of
-    `sensitivity.batch_size` images of the training loader of seed `seed` over `train_set` (the
-    training split without augmentation when not given), loaded only when a policy needs them."""
+    `sensitivity.batch_size` images, seed `seed`, of the held-out validation split when there is
+    one (`data.val_fraction`: choosing a policy is a selection), else of `train_set` (the training
+    split without augmentation when not given); loaded only when a policy needs them."""
     settings = cfg.sensitivity
 
     def batches():
-        data = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
+        if validation_split(data_cfg) == "val":
+            data = build_dataset(data_cfg, "val")
+        else:
+            data = train_set if train_set is not None else build_dataset(data_cfg, "train", train_transforms=False)
         loader = build_loader(data, int(settings.batch_size), True, data_cfg, seed=int(cfg.seed))
         return [(images.to(device), labels.to(device)) for images, labels in itertools.islice(loader, int(settings.batches))]
 

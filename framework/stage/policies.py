@@ -15,7 +15,7 @@
 - the path of a `policy.json`, which is validated against the model.
 
 `hawq` and `sensitivity` (framework.landscape.sensitivity states both measures) need the trained
-full-precision model and training batches: a :class:`Reference`, which the stages that load a
+full-precision model and held-out batches (the validation split, else training batches): a :class:`Reference`, which the stages that load a
 full-precision checkpoint pass. The baselines record their method, seed or measurements and fit in
 `provenance` and the budget in `budget`.
 """
@@ -62,7 +62,7 @@ class Geometry:
 @dataclass
 class Reference:
     """What `policy=hawq` and `policy=sensitivity` are measured on: the full-precision `model` with its
-    trained weights, `batches()` (training batches, loaded when first needed) and the `device`; HAWQ's
+    trained weights, `batches()` (held-out or training batches, loaded when first needed) and the `device`; HAWQ's
     `probes` Rademacher probes drawn from `seed`, `hold_graphs` as framework.landscape.trace says."""
 
     model: nn.Module
