@@ -79,6 +79,8 @@ def execute_run(plan: StudyPlan, run: Run, landscape: bool) -> dict[str, Any]:
     checkpoint = fine["artifacts"]["checkpoint"]
     record["stage_seconds"]["finetune"] = fine["metrics"].get("seconds")
     record["kernels"] = fine.get("kernels")  # the quantizers' backend, build key and threads of the fine-tune
+    # the last validation top-1 (held-out training images): what a selection among rows may read
+    record["val_top1"] = (fine.get("history") or [{}])[-1].get("val_top1")
     evaluated = run_stage_once("evaluate", run.overrides, run.dir / "evaluate", run_evaluate, checkpoint=checkpoint)
     record["stage_seconds"]["evaluate"] = evaluated["metrics"].get("seconds")
     m = evaluated["metrics"]

@@ -50,6 +50,7 @@ def summarise_row(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
         "seeds": [r["seed"] for r in runs], "runs": [r["dir"] for r in runs], "n": len(runs),
         "top1_by_seed": {str(r["seed"]): r["top1"] for r in runs},
         "top1_mean": _mean(top1), "top1_std": _std(top1),
+        "val_top1_mean": _mean([r.get("val_top1") for r in runs]),  # the held-out split: what to select rows by
         "top1_min": min(top1) if top1 else None, "top1_max": max(top1) if top1 else None,
         "gbitops_mean": _mean([r["gbitops"] for r in runs]), "size_mb_mean": _mean([r["size_mb"] for r in runs]),
         "avg_w_bits_mean": _mean([r.get("avg_w_bits") for r in runs]),
