@@ -12,7 +12,7 @@ def test_short_pretrain_beats_chance_by_a_wide_margin(tmp_path):
     cfg = compose_config(
         "pretrain",
         [
-            "data.fraction=0.1",          # 6000 images, 46 steps of 128
+            "data.per_class=600",         # 6000 images (of the 54,000 not held out), 46 steps of 128
             "data.test_fraction=0.2",     # 2000 held-out images
             "train.epochs=1",
             "tracking.enabled=false",
