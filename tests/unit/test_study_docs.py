@@ -18,3 +18,29 @@ def test_the_readme_table_is_the_committed_study_json():
         assert (STUDY / figure).stat().st_size > 0
         assert f"docs/study/fmnist_resnet8/{figure}" in readme
     assert (STUDY / "study.md").read_text().startswith("# Study `fmnist_resnet8`")
+
+
+HEADROOM = REPO_ROOT / "docs" / "study" / "headroom_resnet8"
+
+
+def test_the_readme_headroom_table_is_the_committed_study_json():
+    from framework.stats import paired_difference
+
+    report = json.loads((HEADROOM / "study.json").read_text())
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert report["study"]["name"] == "headroom_resnet8" and len(report["runs"]) == 5 * 5
+    by_row: dict[str, dict[int, float]] = {}
+    for run in report["runs"]:
+        by_row.setdefault(run["row"], {})[run["seed"]] = run["top1"]
+    best = by_row["uniform-2-3"]  # the split the validation top-1 picked (docs/study/headroom_resnet8/gate.md)
+    assert "best uniform split (by mean validation top-1): uniform-2-3" in (HEADROOM / "gate.md").read_text()
+    for row in report["rows"]:
+        assert row["n"] == 5, row["name"]
+        assert f"{100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f}" in readme, row["name"]
+        if row["name"] != "uniform-2-3":
+            seeds = sorted(by_row[row["name"]])
+            paired = paired_difference([by_row[row["name"]][s] for s in seeds], [best[s] for s in seeds])
+            assert (f"| {100 * paired['mean']:+.2f} | [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}] |"
+                    in readme), row["name"]
+    for figure in report["figures"].values():
+        assert (HEADROOM / figure).stat().st_size > 0
