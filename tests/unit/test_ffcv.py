@@ -43,7 +43,8 @@ def test_raw_beton_reads_back_identical_pixels_and_labels(tmp_path):
 
     root = make_image_tree(tmp_path / "tree", per_class=5, size=(36, 28), suffix=".png")
     cfg = _data_cfg("data=imagefolder", f"data.root={root}", f"data.ffcv.dir={tmp_path / 'betons'}",
-                    "data.ffcv.write.mode=raw", "data.ffcv.write.max_resolution=null", "data.ffcv.write.workers=1")
+                    "data.ffcv.write.mode=raw", "data.ffcv.write.max_resolution=null", "data.ffcv.write.workers=1",
+                    "data.val_fraction=0")  # the whole file as the dataset: its rows are the beton's, in order
     report = write_beton(cfg, "train")
     assert report["status"] == "written" and report["samples"] == 15
     source = build_dataset(cfg, "train").samples  # (path, label) in the dataset's order
