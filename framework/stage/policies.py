@@ -129,15 +129,21 @@ def resolve_policy(
     return policy, layers
 
 
-def _baseline(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
-              search_cfg) -> Policy:
-    """`random:<seed>` or `uniform-budget` under the search's candidates and budget."""
+def _search_space(spec: str, layers: list[LayerCost], qcfg, search_cfg):
+    """(fixed bits, fixed layer names, weight candidates, activation candidates, budget limits or None)
+    of the search config, which every baseline spec is resolved under."""
     if search_cfg is None:
         raise ValueError(f"policy={spec} needs the search config (its candidates and budget): pass search_cfg")
     fixed_bits = fixed_bits_of(qcfg)
     fixed = fixed_layer_names(layers, fixed_bits)
     cw, ca = sorted(int(b) for b in search_cfg.quant.candidates_w), sorted(int(b) for b in search_cfg.quant.candidates_a)
-    limits = budget_from_config(search_cfg, layers, fixed, fixed_bits)
+    return fixed_bits, fixed, cw, ca, budget_from_config(search_cfg, layers, fixed, fixed_bits)
+
+
+def _baseline(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
+              search_cfg) -> Policy:
+    """`random:<seed>` or `uniform-budget` under the search's candidates and budget."""
+    fixed_bits, fixed, cw, ca, limits = _search_space(spec, layers, qcfg, search_cfg)
     provenance = {"method": "random" if spec != UNIFORM_BUDGET else UNIFORM_BUDGET, "candidates_w": cw, "candidates_a": ca}
     if spec == UNIFORM_BUDGET:
         if limits is None:
@@ -160,16 +166,11 @@ def _derived(spec: str, model_name: str, layers: list[LayerCost], total_params: 
     pair of the search's candidates, then the policy of the least `sum_l Omega_l` within the budget."""
     if reference is None:
         raise MPQError(
-            f"policy={spec} is measured on a full-precision checkpoint and training batches, which this stage does not "
+            f"policy={spec} is measured on a full-precision checkpoint and its data, which this stage does not "
             f"load; derive it where one is given (mpq evaluate checkpoint=<pretrained checkpoint>, mpq finetune "
             f"init_checkpoint=<pretrained checkpoint>) and pass the policy.json that run writes"
         )
-    if search_cfg is None:
-        raise ValueError(f"policy={spec} needs the search config (its candidates and budget): pass search_cfg")
-    fixed_bits = fixed_bits_of(qcfg)
-    fixed = fixed_layer_names(layers, fixed_bits)
-    cw, ca = sorted(int(b) for b in search_cfg.quant.candidates_w), sorted(int(b) for b in search_cfg.quant.candidates_a)
-    limits = budget_from_config(search_cfg, layers, fixed, fixed_bits)
+    fixed_bits, fixed, cw, ca, limits = _search_space(spec, layers, qcfg, search_cfg)
     if limits is None:
         raise MPQError(f"policy={spec} needs search.budget_uniform_bits, search.budget_bitops or search.budget_size_mb")
     searched = [layer.name for layer in layers if not (layer.name in fixed and fixed_bits)]
