@@ -34,6 +34,7 @@ class SharpnessConfig(Schema):
     rho_max: number(0)
     ema_momentum: between(0, 1)
     adaptive: Flag
+    gap: one_of(("absolute", "per_radius"))
     period: whole(1)
 
     @model_validator(mode="after")

@@ -14,7 +14,10 @@ Every rule sees the first-pass gradient `g` of the perturbed tensors and returns
       h   = L(theta_hat) - L(theta)                     # surrogate gap
       rho <- clip(ln(1 + max(EMA(h), 0)), rho_min, rho_max)
 
-  With `rho = 0` and `a = 0` the step is the base optimizer's step exactly.
+  With `rho = 0` and `a = 0` the step is the base optimizer's step exactly. The map
+  `rho -> ln(1 + EMA(h))` with `h ~ rho ||g||` is multiplicative: it drives `rho` to `rho_min` whenever
+  `||g|| < 1`. `gap=per_radius` is the scale-free variant: the gap per unit of perturbation length,
+  `h / ||theta_hat - theta||` (about `||g||` to first order, whatever `rho` is), replaces `h` in the EMA.
 - **SAQ** (Liu et al., sharpness-aware quantization) is SAM whose weight perturbation is placed
   relative to quantization: case 1 `L(Q(w) + eps(w))`, case 2 `L(Q(w + eps(w)))`, case 3
   `L(Q(w) + eps(Q(w)))` (the default). The placement is the two-pass optimizer's job; the rule is SAM's.
@@ -82,13 +85,16 @@ class ASGA(SAM):
     rho_max: float = 0.3
     ema_momentum: float = 0.9
     adaptive: bool = True
+    gap: str = "absolute"  # absolute: h; per_radius: h / ||theta_hat - theta|| (scale-free in rho)
     name: str = "asga"
     gap_ema: float | None = field(default=None)
     last_gap: float = 0.0
+    last_length: float = 0.0  # ||theta_hat - theta|| = |rho - a ||g|||
 
     def perturbation(self, grads: Tensors, params: Tensors) -> Tensors:
         self.last_grad_norm = float(global_norm(grads)) if grads else 0.0
         coefficient = self.rho / (self.last_grad_norm + 1e-12) - self.lookback
+        self.last_length = abs(coefficient) * self.last_grad_norm
         return list(torch._foreach_mul(grads, coefficient)) if grads else []
 
     def direction(self, g: torch.Tensor, g_p: torch.Tensor) -> torch.Tensor:
@@ -102,8 +108,10 @@ class ASGA(SAM):
         return list(out)
 
     def after_step(self, loss: float, loss_p: float) -> None:
-        """Surrogate gap h = L(theta_hat) - L(theta), its EMA, and the new radius."""
+        """Surrogate gap h = L(theta_hat) - L(theta) (per unit length with `gap=per_radius`), its EMA, the radius."""
         self.last_gap = loss_p - loss
+        if self.gap == "per_radius":
+            self.last_gap = self.last_gap / self.last_length if self.last_length > 0 else 0.0
         m = self.ema_momentum
         self.gap_ema = self.last_gap if self.gap_ema is None else m * self.gap_ema + (1 - m) * self.last_gap
         if self.adaptive:
@@ -124,6 +132,9 @@ def adaptive_radius(gap_ema: float, rho_min: float, rho_max: float) -> float:
     return float(min(max(math.log1p(max(gap_ema, 0.0)), rho_min), rho_max))
 
 
+#: what ASGA's radius rule reads: the surrogate gap itself, or the gap per unit perturbation length
+GAPS = ("absolute", "per_radius")
+
 RULES = {"sam": SAM, "asam": ASAM, "asga": ASGA, "saq": SAM}
 
 
@@ -135,7 +146,7 @@ def build_rule(cfg) -> SAM:
     if name == "asga":
         return ASGA(
             rho=float(cfg.rho), lookback=float(cfg.lookback), rho_min=float(cfg.rho_min), rho_max=float(cfg.rho_max),
-            ema_momentum=float(cfg.ema_momentum), adaptive=bool(cfg.adaptive),
+            ema_momentum=float(cfg.ema_momentum), adaptive=bool(cfg.adaptive), gap=str(cfg.get("gap", "absolute")),
         )
     if name == "asam":
         return ASAM(rho=float(cfg.rho), eta=float(cfg.eta))

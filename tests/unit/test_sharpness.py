@@ -89,6 +89,45 @@ def test_adaptive_radius_follows_the_clipped_log_of_the_gap_ema():
     assert adaptive_radius(0.1, 0.01, 0.3) == pytest.approx(math.log(1.1))
 
 
+def _radius_after(rule: ASGA, steps: int) -> float:
+    """rho after `steps` ASGA steps on L(w) = 1/2 w^T A w from the same start (||g|| ~ 0.3 < 1)."""
+    A = torch.diag(torch.tensor([0.3, 0.1]))
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = TwoPassOptimizer(holder, [torch.optim.SGD([holder.w], lr=0.01)], rule)
+
+    def closure():
+        loss = 0.5 * holder.w @ A @ holder.w
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return rule.rho
+
+
+def test_the_per_radius_gap_is_scale_free_where_the_absolute_gap_collapses():
+    """With ||g|| < 1 the absolute rule's map rho -> ln(1 + rho ||g||) shrinks rho to rho_min from any start;
+    the gap per unit length (about ||g||, whatever rho is) sends every start to the same radius ln(1 + ~||g||)."""
+    starts = (0.02, 0.25)
+    absolute = [_radius_after(ASGA(rho=r, lookback=0.0, rho_min=0.001, rho_max=1.0), 60) for r in starts]
+    scale_free = [_radius_after(ASGA(rho=r, lookback=0.0, rho_min=0.001, rho_max=1.0, gap="per_radius"), 60) for r in starts]
+    assert max(absolute) < 0.002  # collapsed to rho_min (0.001) from both starts
+    grad_norm = float(torch.tensor([0.3, -0.1]).norm())  # ||A w0||; w moves little at lr 0.01
+    for rho in scale_free:
+        assert rho == pytest.approx(math.log1p(grad_norm), rel=0.15)
+    assert scale_free[0] == pytest.approx(scale_free[1], rel=0.02)
+
+
+def test_an_unknown_gap_is_refused_by_the_config():
+    from framework.config import validate_config
+    from framework.errors import MPQError
+
+    cfg = compose_config(["stage=search", "search=asga", "search.sharpness.gap=relative"])
+    with pytest.raises(MPQError, match="gap"):
+        validate_config(cfg)
+
+
 @pytest.mark.parametrize("rule", [SAM(rho=0.05), ASGA(rho=0.05)], ids=["sam", "asga"])
 def test_the_state_logs_the_gradient_norm_the_radius_was_divided_by(rule):
     """||g|| beside rho at every two-pass step: ASGA's gap h ~ rho ||g|| makes its radius follow ||g||."""
