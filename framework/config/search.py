@@ -53,6 +53,7 @@ class SearchConfig(Schema):
     weight_decay: number(0)
     logit_weight_decay: number(0)
     warmup_steps: whole(0)
+    head: one_of(("auto", "fresh"))
     gumbel_tau_final: number(0, strict=True) | None
     budget_bitops: number(0, strict=True) | None
     budget_uniform_bits: number_in(supported_bits) | None

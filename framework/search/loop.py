@@ -1,7 +1,8 @@
 """The proxy search (`mpq search`): a supernet of the target model trained on the proxy data.
 
-1. Start from the full-precision checkpoint of the target model (`init_checkpoint`) with a fresh
-   classifier head for the proxy's classes [decided, METHOD.md sec. 4].
+1. Start from the full-precision checkpoint of the target model (`init_checkpoint`). Its classifier
+   head is kept when the proxy shares the target's labels (the same dataset and class count: a subset
+   of the target) and `search.head=auto`; otherwise a fresh head for the proxy's classes.
 2. Convert it to a supernet (`search.quant`: min-max weights, learned-range activations, candidate
    bits per layer; first conv and last linear fixed). Each layer's MACs are measured at the
    *target* resolution, so the complexity term and the budget speak of the BitOps that will be
@@ -71,6 +72,13 @@ def _fresh_head(model: nn.Module, num_classes: int) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+
+
+def keeps_head(scfg, target: dict, model_meta: dict, proxy_cfg, proxy_classes: int) -> str:
+    """`kept` when the proxy's labels are the target's (same dataset name, same class count) and
+    `search.head=auto`: the pretrained classifier already solves the proxy task. `fresh` otherwise."""
+    same_labels = str(target.get("name")) == str(proxy_cfg.name) and int(model_meta.get("num_classes", -1)) == proxy_classes
+    return "kept" if str(scfg.get("head", "auto")) == "auto" and same_labels else "fresh"
 
 
 def search_budget(model: nn.Module, layers, scfg, total_params: int, fixed, fixed_bits) -> BudgetLimits | None:
@@ -149,7 +157,9 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     layers = trace_layers(model, target_size, channels)  # MACs at the target resolution
     proxy_layers = trace_layers(model, int(proxy_cfg.input_size), channels)
     total_params = float_parameter_count(model)
-    _fresh_head(model, proxy_classes)
+    head = keeps_head(scfg, target, model_meta, proxy_cfg, proxy_classes)
+    if head == "fresh":
+        _fresh_head(model, proxy_classes)
     search_meta = {**model_meta, "num_classes": proxy_classes}
 
     qcfg = scfg.quant
@@ -272,7 +282,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     artifacts["checkpoint"] = str(run_dir / "checkpoints" / "last")
     result = Result(stage, metrics=metrics, artifacts=artifacts,
                     extra={"history": fitted.history, "proxy": proxy_train.mpq_info, "tracking": tracker.info(),
-                           "decisiveness": decided,
+                           "decisiveness": decided, "head": head,
                            "rho_trace": rho_trace, "grad_norm_trace": grad_norm_trace, "resume": resume_record(cfg, run_dir, resume)})
     write_result(run_dir, result, cfg)
     return result
