@@ -2,7 +2,8 @@
 full-precision checkpoint every row starts from, and the overrides shared by its runs.
 
 A row's policy comes either from a policy spec (`policy`: `uniform:W/A`, `uniform-budget`,
-`random` (a new `random:<seed>` per seed), or a policy file) or from a search (`search`: a method of
+`random` (a new `random:<seed>` per seed), `random+<n>` (`random:<seed + n>`, a second random policy per
+seed), `random-best:<K>`, `hawq`, `sensitivity`, or a policy file) or from a search (`search`: a method of
 conf/search/, on `proxy`: a dataset of conf/proxy/), never both.
 """
 

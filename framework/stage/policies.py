@@ -12,9 +12,14 @@
   full-precision model; the policy minimising `sum_l Omega_l` within the budget (the exact knapsack,
   framework.policy.fit_scores_to_budget, with the fill bound `search.budget_fill`);
 - `sensitivity`: the same with ZeroQ's single-layer loss increases (Cai et al., ZeroQ) as `Omega_l`;
+- `random-best:<K>`: best-of-K random search, the selection made on held-out data: the K budget-fitted
+  policies `random:<K s + i>` (i < K, s the run's `seed`), each applied to the full-precision model
+  (LSQ steps initialised on the first held-out batch, no training), and the one of least mean
+  cross-entropy on the held-out batches kept. Fine-tuning then starts from it like any policy, so the
+  fine-tune's seed never took part in the choice (the study's random-search baseline);
 - the path of a `policy.json`, which is validated against the model.
 
-`hawq` and `sensitivity` (framework.landscape.sensitivity states both measures) need the trained
+`hawq`, `sensitivity` and `random-best:<K>` (framework.landscape.sensitivity states the first two) need the trained
 full-precision model and held-out batches (the validation split, else training batches): a :class:`Reference`, which the stages that load a
 full-precision checkpoint pass. The baselines record their method, seed or measurements and fit in
 `provenance` and the budget in `budget`.
@@ -77,6 +82,18 @@ class Reference:
 UNIFORM_BUDGET = "uniform-budget"
 #: `policy=hawq`, `policy=sensitivity`: derived from measurements of the full-precision model
 HAWQ, SENSITIVITY = "hawq", "sensitivity"
+#: `policy=random-best:<K>`
+RANDOM_BEST = "random-best"
+
+
+def parse_random_best(spec: str) -> int | None:
+    """`random-best:<K>` -> K (a whole number >= 1); anything else -> None."""
+    if not str(spec).startswith(RANDOM_BEST + ":"):
+        return None
+    body = str(spec).split(":", 1)[1]
+    if not body.isdigit() or int(body) < 1:
+        raise MPQError(f"policy={spec} is malformed; write random-best:<K> with K >= 1 policies to choose from, e.g. random-best:8")
+    return int(body)
 
 
 def resolve_policy(
@@ -117,6 +134,9 @@ def resolve_policy(
 
     if spec == UNIFORM_BUDGET or parse_random(spec) is not None:
         return _baseline(spec, model_name, layers, total_params, geometry, qcfg, search_cfg), layers
+
+    if parse_random_best(spec) is not None:
+        return _best_random(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
 
     if spec in (HAWQ, SENSITIVITY):
         return _derived(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
@@ -160,16 +180,53 @@ def _baseline(spec: str, model_name: str, layers: list[LayerCost], total_params:
                        budget=limits.as_budget() if limits is not None else None, provenance=provenance)
 
 
-def _derived(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
-             search_cfg, reference: Reference | None) -> Policy:
-    """`hawq` or `sensitivity`: `Omega_l(w, a)` measured on `reference` for every searched layer and
-    pair of the search's candidates, then the policy of the least `sum_l Omega_l` within the budget."""
+def _needs_reference(spec: str, reference: Reference | None) -> Reference:
     if reference is None:
         raise MPQError(
             f"policy={spec} is measured on a full-precision checkpoint and its data, which this stage does not "
             f"load; derive it where one is given (mpq evaluate checkpoint=<pretrained checkpoint>, mpq finetune "
             f"init_checkpoint=<pretrained checkpoint>) and pass the policy.json that run writes"
         )
+    return reference
+
+
+def _best_random(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
+                 search_cfg, reference: Reference | None) -> Policy:
+    """`random-best:<K>`: of the K budget-fitted draws `random:<K seed + i>`, the one whose quantized
+    full-precision model has the least held-out loss (no training)."""
+    import copy
+
+    from framework.landscape.batches import CrossEntropyOnBatches
+    from framework.landscape.params import loss_value
+
+    reference = _needs_reference(spec, reference)
+    count = parse_random_best(spec)
+    started = time.time()
+    batches = reference.batches()
+    loss = CrossEntropyOnBatches(batches)
+    tried = []
+    for i in range(count):
+        seed = count * reference.seed + i
+        drawn = _baseline(f"random:{seed}", model_name, layers, total_params, geometry, qcfg, search_cfg)
+        model = quantize_with_policy(copy.deepcopy(reference.model).cpu(), drawn, qcfg, layers).to(reference.device)
+        with torch.no_grad():  # data-dependent quantizers (LSQ activation steps) from the first held-out batch
+            model.eval()
+            model(batches[0][0])
+        tried.append((loss_value(model, loss), seed, drawn))
+        del model
+    best_loss, best_seed, best = min(tried, key=lambda entry: entry[0])
+    best.provenance = {**best.provenance, "method": RANDOM_BEST, "k": count, "chosen_seed": best_seed,
+                       "chosen_by": "least held-out cross-entropy of the quantized full-precision model",
+                       "held_out_loss": {str(seed): round(value, 6) for value, seed, _ in tried},
+                       "samples": loss.samples, "seconds": round(time.time() - started, 3)}
+    return best
+
+
+def _derived(spec: str, model_name: str, layers: list[LayerCost], total_params: int, geometry: Geometry, qcfg,
+             search_cfg, reference: Reference | None) -> Policy:
+    """`hawq` or `sensitivity`: `Omega_l(w, a)` measured on `reference` for every searched layer and
+    pair of the search's candidates, then the policy of the least `sum_l Omega_l` within the budget."""
+    reference = _needs_reference(spec, reference)
     fixed_bits, fixed, cw, ca, limits = _search_space(spec, layers, qcfg, search_cfg)
     if limits is None:
         raise MPQError(f"policy={spec} needs search.budget_uniform_bits, search.budget_bitops or search.budget_size_mb")

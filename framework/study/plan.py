@@ -1,8 +1,10 @@
 """What a study runs: one run per row and seed, each a list of stages with the config it composes.
 
-A run's config is composed by Hydra from conf/ with, in order: the study command's own overrides
-(minus the `study*`, `launcher*` and `hydra.*` ones), `study.overrides`, the row's overrides, the row's
-`search=<method>` and `proxy=<name>`, and `seed=<seed>`. The search (if the row has one), the
+A run's config is composed by Hydra from conf/ with, in order: `study.overrides`, the row's overrides,
+the row's `search=<method>` and `proxy=<name>`, the study command's own overrides (minus the
+`study*`, `launcher*` and `hydra.*` ones: what the command line says wins, so `mpq study study=<name>
+finetune.max_steps=2` shortens every run), and `seed=<seed>`. The pretraining takes `study.overrides`,
+`study.pretrain`, the command's overrides and `seed`. The search (if the row has one), the
 fine-tuning, the evaluation and the landscape each run in their own folder of the run:
 
     <study>/pretrain/                     the full-precision checkpoint (unless study.init_checkpoint)
@@ -76,12 +78,25 @@ def command_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~").split(".")[0] not in STUDY_KEYS]
 
 
+def seeded_policy(spec: str, seed: int) -> str:
+    """A row's policy at one seed: `random` is `random:<seed>`, `random+<n>` is `random:<seed + n>` (a
+    second random policy per seed); any other spec is the same at every seed."""
+    if spec == "random":
+        return f"random:{seed}"
+    if spec.startswith("random+"):
+        offset = spec.split("+", 1)[1]
+        if not offset.isdigit():
+            raise MPQError(f"study row policy {spec} is malformed; write random+<n> with a whole number n, e.g. random+100")
+        return f"random:{seed + int(offset)}"
+    return spec
+
+
 def plan_study(cfg: DictConfig, study_dir: Path) -> StudyPlan:
     """Every run of `cfg.study`: the rows at the first seed (in their order), then at the next seed, ..."""
     scfg = cfg.study
     inherited = command_overrides()
-    shared = [*inherited, *scfg.overrides]
-    plan = StudyPlan(str(scfg.name), study_dir, tuple([*shared, *scfg.pretrain, f"seed={int(cfg.seed)}"]),
+    shared = list(scfg.overrides)
+    plan = StudyPlan(str(scfg.name), study_dir, tuple([*shared, *scfg.pretrain, *inherited, f"seed={int(cfg.seed)}"]),
                      str(scfg.init_checkpoint) if scfg.init_checkpoint else None)
     for node in scfg.rows:
         row = OmegaConf.to_container(node, resolve=True)  # optional keys may be absent
@@ -90,11 +105,12 @@ def plan_study(cfg: DictConfig, study_dir: Path) -> StudyPlan:
             row_overrides.append(f"search={row['search']}")
         if row.get("proxy"):
             row_overrides.append(f"proxy={row['proxy']}")
+        row_overrides.extend(inherited)
         plan.rows.append(row)
         for seed in scfg.seeds:
             policy = None
             if row.get("policy"):
-                policy = f"random:{int(seed)}" if str(row["policy"]) == "random" else str(row["policy"])
+                policy = seeded_policy(str(row["policy"]), int(seed))
             plan.runs.append(Run(str(row["name"]), int(seed), study_dir / "runs" / str(row["name"]) / f"seed{int(seed)}",
                                  tuple([*row_overrides, f"seed={int(seed)}"]), policy, bool(row.get("search"))))
     # seed-major: every row at the first seed before any at the second, so a study cut short has all its rows

@@ -76,7 +76,10 @@ def summarise_row(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
 
 def _source(row: dict[str, Any]) -> str:
     if row.get("policy"):
-        return {"random": "random:<seed>"}.get(row["policy"], row["policy"])
+        spec = str(row["policy"])
+        if spec.startswith("random+"):
+            return f"random:<seed + {spec.split('+', 1)[1]}>"
+        return {"random": "random:<seed>"}.get(spec, spec)
     return f"{row['search']} on {row.get('proxy') or 'the default proxy'}"
 
 

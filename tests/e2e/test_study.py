@@ -8,7 +8,8 @@ from statistics import mean, stdev
 
 import pytest
 
-from framework.study.plan import compose_stage, plan_study
+from framework.errors import MPQError
+from framework.study.plan import compose_stage, plan_study, seeded_policy
 from framework.study.report import compare
 from tests.conftest import (
     assert_one_error_line,
@@ -115,6 +116,14 @@ def test_rows_are_compared_seed_by_seed():
     assert mixed["verdict"] == "no difference" and mixed["low"] < 0 < mixed["high"]
     assert compare(a, {"name": "b", "top1_by_seed": {"0": 0.85, "1": 0.88, "2": 0.90}})["verdict"] == "worse"
     assert compare(a, {"name": "b", "top1_by_seed": {"7": 0.8}})["verdict"] == "not measured"
+
+
+def test_random_rows_draw_a_new_policy_per_seed_and_other_specs_stay_fixed():
+    assert [seeded_policy("random", s) for s in (0, 1)] == ["random:0", "random:1"]
+    assert [seeded_policy("random+100", s) for s in (0, 2)] == ["random:100", "random:102"]  # a second random row
+    assert seeded_policy("random-best:8", 3) == "random-best:8" and seeded_policy("uniform:3/3", 1) == "uniform:3/3"
+    with pytest.raises(MPQError, match="random\\+<n>"):
+        seeded_policy("random+x", 0)
 
 
 def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):

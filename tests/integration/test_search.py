@@ -165,3 +165,25 @@ def test_warmup_freezes_the_logits_then_the_dual_multiplier_holds_the_budget(tmp
     assert last["expected_gbitops"] > budget and last["lambda"] > 0.0
     probs = read_policy(searched.artifacts["policy"]).provenance["probabilities"]
     assert any(dist["w"] != pytest.approx([0.25] * 4) for dist in probs.values())  # the logits moved after the warm-up
+
+
+def test_a_proxy_with_the_targets_labels_keeps_its_classifier(tmp_path, fp_checkpoint):
+    """search.head=auto keeps the pretrained classifier when the proxy is a subset of the target (same
+    dataset, same classes): the supernet starts on a solved task, where a fresh head starts at chance.
+    head=fresh is the behaviour before search v2."""
+    common = ["search=dnas", "search.max_steps=2", "proxy=fashion_mnist", "search.warmup_steps=2"]
+    kept = _search(tmp_path / "kept", fp_checkpoint, *common)
+    fresh = _search(tmp_path / "fresh", fp_checkpoint, *common, "search.head=fresh")
+    other = _search(tmp_path / "mnist", fp_checkpoint, "search=dnas", "search.max_steps=2")
+    assert kept.extra["head"] == "kept" and fresh.extra["head"] == "fresh" and other.extra["head"] == "fresh"
+    from framework.train.checkpoint import load_checkpoint
+
+    start = load_checkpoint(fp_checkpoint).model_state["fc.weight"]
+
+    def head_after(result):  # the supernet's classifier weight after the two warm-up steps
+        state = load_checkpoint(result.artifacts["checkpoint"]).model_state
+        (weight,) = [v for k, v in state.items() if k.startswith("fc.") and k.endswith("weight") and v.shape == start.shape]
+        return weight
+
+    assert (head_after(kept) - start).norm() < 0.1 * start.norm()  # two small steps from the pretrained head
+    assert (head_after(fresh) - start).norm() > 0.5 * start.norm()  # a new, unrelated initialisation

@@ -368,3 +368,35 @@ def test_the_measurements_settings_are_validated(override, message):
     with pytest.raises(MPQError) as err:
         validate_config(compose_config("evaluate", [override]))
     assert str(err.value) == message
+
+
+def test_best_of_k_random_keeps_the_draw_of_least_held_out_loss(trained_resnet8):
+    """random-best:K draws random:<K seed + i>, scores each quantized full-precision model on the held-out
+    batches, keeps the least; the same K draws resolved one by one give back the recorded losses."""
+    from framework.landscape.batches import CrossEntropyOnBatches
+
+    model, batches = trained_resnet8
+    before = copy.deepcopy(model.state_dict())
+    (policy, layers), cfg = resolve("random-best:3", model, batches)
+    record = policy.provenance
+    assert record["method"] == "random-best" and record["k"] == 3 and set(record["held_out_loss"]) == {"0", "1", "2"}
+    losses = {int(seed): value for seed, value in record["held_out_loss"].items()}
+    assert record["chosen_seed"] == min(losses, key=losses.get)
+    (drawn, _), _ = resolve(f"random:{record['chosen_seed']}", model, batches)
+    assert drawn.bits() == policy.bits() and policy.cost["target"].bitops <= policy.budget.bitops
+    for seed, value in losses.items():  # each loss is that of the model quantized under that draw
+        (one, _), _ = resolve(f"random:{seed}", model, batches)
+        quantized = quantize_model(copy.deepcopy(model), one.bits(), cfg.quant, layers)
+        with torch.no_grad():
+            quantized.eval()
+            quantized(batches[0][0])
+        assert loss_value(quantized, CrossEntropyOnBatches(batches)) == pytest.approx(value, rel=1e-5)
+    assert len({tuple(sorted(resolve(f"random:{s}", model, batches)[0][0].bits().items())) for s in losses}) > 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("spec", ["random-best:0", "random-best:two"])
+def test_a_malformed_best_of_k_is_one_clear_error(spec, trained_resnet8):
+    model, batches = trained_resnet8
+    with pytest.raises(MPQError, match=f"policy={spec} is malformed; write random-best:<K>"):
+        resolve(spec, model, batches)

@@ -61,3 +61,18 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(create_model("resnet8", num_classes=10).state_dict(), path)
     with pytest.raises(MPQError, match="another architecture"):
         create_model("mobilenet_v2", num_classes=10, weights=str(path))
+
+
+def test_mobilenet_v2_width_multiplier_scales_the_channels():
+    narrow = create_model("mobilenet_v2", num_classes=10, in_channels=1, small_input=True, width_mult=0.5)
+    full = create_model("mobilenet_v2", num_classes=10, in_channels=1, small_input=True)
+    assert narrow.features[0][0].out_channels == 16 and full.features[0][0].out_channels == 32
+    assert narrow.classifier[-1].in_features == 1280  # the last 1x1 is never narrowed below 1280 (Sandler et al.)
+    assert sum(p.numel() for p in narrow.parameters()) < 0.5 * sum(p.numel() for p in full.parameters())
+    assert narrow(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("width", [0, -0.5])
+def test_a_non_positive_width_multiplier_is_refused(width):
+    with pytest.raises(ValueError, match=f"model.options.width_mult={width}"):
+        create_model("mobilenet_v2", num_classes=10, width_mult=width)
