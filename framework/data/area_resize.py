@@ -17,22 +17,22 @@ float32 and partial pixels under 1e-3 left out (OpenCV's `computeResizeAreaTab`)
     out[e, d] = round(sum_y w(e, y) * h[y, d])    (float32, top to bottom; round half to even; 0..255)
 
 OpenCV (4.6) walks these weights as one list per row and recomputes `h` of a source row for each
-output row that row touches; it runs at about the cost of the JPEG decode itself (0.66 ms against
-0.68 ms per ~420 x 420 photo here). :func:`resize_area_crop` computes the same sums in the same
-order, so the same float32 roundings, hence the same bytes, with less work: `h` of each source row
-once, one output pixel's three channels together, the vertical sums as contiguous passes. Other
-cases (a crop smaller than the output along an axis, an exact integer ratio, no resize at all) take
-other OpenCV paths and are left to it (:func:`generic_area_case`).
+output row that row touches, at about the cost of the JPEG decode itself (benchmarks/README.md).
+:func:`resize_area_crop` computes the same sums in the same order, so the same float32 roundings,
+hence the same bytes, with less work: `h` of each source row once, one output pixel's three
+channels together, the vertical sums as contiguous passes. Other cases (a crop smaller than the
+output along an axis, an exact integer ratio, no resize at all) take other OpenCV paths and are left
+to it (:func:`generic_area_case`).
 
 Same bytes needs the same float32 roundings, so no compiler may contract `a * b + c` into a fused
 multiply-add or reorder the sums. FFCV compiles its pipeline stages with `fastmath=True`, and numba
 compiles a jitted function called from such a stage with the caller's flags (then, with
-`cache=True`, keeps that machine code on disk for every later caller): the bytes came out 1 off in
-~0.02 % of pixels. The arithmetic therefore lives in :data:`area_resize_kernel`, a C callback that
-numba compiles once, at import, with its own flags; jitted code, fast-math or not, calls it through
-its address, as FFCV calls OpenCV. ``tests/unit/test_area_resize.py`` checks the bytes against FFCV's
-OpenCV resize on generated images, directly and through a fast-math caller, and the decoders
-against FFCV's on a JPEG dataset.
+`cache=True`, keeps that machine code on disk for every later caller), and a contracted or
+reordered sum moves a few bytes by 1. The arithmetic therefore lives in
+:data:`area_resize_kernel`, a C callback that numba compiles once, at import, with its own flags;
+jitted code, fast-math or not, calls it through its address, as FFCV calls OpenCV.
+``tests/unit/test_area_resize.py`` checks the bytes against FFCV's OpenCV resize on generated
+images, directly and through a fast-math caller, and the decoders against FFCV's on a JPEG dataset.
 """
 
 from __future__ import annotations

@@ -3,17 +3,16 @@ flip, normalisation and layout in a single pass.
 
 Decoders. :class:`AreaRandomResizedCrop` and :class:`AreaCenterCrop` are FFCV's
 `RandomResizedCropRGBImageDecoder` and `CenterCropRGBImageDecoder` (same JPEG decode, same crop
-draws) with two changes that leave every output byte as it was:
+draws) with two changes that leave every output byte equal to theirs:
 
 - a crop at least the output size along both axes is resized by
   :func:`framework.data.area_resize.resize_area_crop`, the same arithmetic as OpenCV's INTER_AREA in
-  fewer passes (about half its time), compiled on its own so that the fast-math flags FFCV compiles
-  this stage with cannot reach it; other crops still go through FFCV's OpenCV call;
+  fewer passes (about half its time, benchmarks/README.md), compiled on its own so that the fast-math
+  flags FFCV compiles this stage with cannot reach it; other crops go through FFCV's OpenCV call;
 - a JPEG is decoded into memory allocated for that image (reused by the allocator from one image to
   the next), not into a slot of a per-batch buffer of `batch_size x` the largest image of the
-  dataset that FFCV allocates anew, with `batches_ahead + 2` batches of them, every epoch (810 MiB
-  per epoch for 128-image batches when the largest photo is 666 x 664; first touching fresh memory
-  cost ~1.6 ms per image here).
+  dataset that FFCV allocates anew, with `batches_ahead + 2` batches of them, every epoch (fresh
+  memory, whose first touch costs time on every image; benchmarks/README.md).
 
 After the decoder, FFCV's stock pipeline for a training photo makes three passes over every batch:
 `RandomHorizontalFlip` (a copy, flipped or not), `NormalizeImage` (a lookup table from uint8 to

@@ -99,7 +99,7 @@ def top_hessian_eigenvalue(model: nn.Module, loss: LossTerms, params: Sequence[t
 
     `hold_graphs=False` rebuilds each batch's gradient graph for every product (the memory of one
     batch's graph); `True` builds every batch's once and holds them all until the iteration ends
-    (a product then costs the second backward alone, about 40% less time for a ResNet).
+    (a product then costs the second backward alone, without the first).
     """
     product = _HeldGradients(model, loss, params) if hold_graphs else (
         lambda vector: hessian_vector_product(model, loss, params, vector))

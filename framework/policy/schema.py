@@ -3,10 +3,9 @@
 A policy names its model and gives, per layer (module name), `w_bits`, `a_bits`, `macs`, `params`
 and whether the layer was fixed; the cost (MACs, BitOps, size) at the proxy and the target
 resolution; an optional budget (`budget: {"bitops": B, "size_mb": S, "at": "target"|"proxy"}`, either
-limit or both; files written before `size_mb` existed give BitOps alone); whether the policy was fitted
-to the budget (`repair`, a name kept for old files: the method and the solver's record); and
-provenance (method and hyperparameters, proxy data, fraction, seed, hash of the sample indices, code
-version).
+limit or both); whether the policy was fitted to the budget (`repair`: the method and the solver's
+record); and provenance (method and hyperparameters, proxy data, fraction, seed, hash of the sample
+indices, code version).
 
 Reading validates the structure (pydantic) and :func:`validate_policy` checks it against a model:
 unknown or missing layers, unsupported bit-widths, a policy of another model and a broken budget

@@ -127,8 +127,8 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
     `on_epoch`, if given, is called after every epoch's validation with a copy of the epoch's entry
     plus `proxy_top1` (the supernet's proxy validation top-1), `expected_bitops` (the complexity
     model's expected BitOps at the target resolution, `framework.quant.expected_bitops`) and
-    `total_steps`; a sweep reports it to its scheduler (framework.tune). Without it the search
-    behaves, and writes, exactly as before.
+    `total_steps`; a sweep reports it to its scheduler (framework.tune). Without it, nothing is
+    reported per epoch.
     """
     stage = "search"
     scfg = cfg.search
@@ -225,7 +225,7 @@ def run_search(cfg: DictConfig, on_epoch: Callable[[dict[str, Any]], None] | Non
         bits, probs = derive_bits(model)
         argmax = dict(bits)
         repair_record: dict[str, Any] = {"applied": False}
-        if limits is not None and scfg.repair:  # the exact fit ("repair": the name old policy files know)
+        if limits is not None and scfg.repair:  # the exact fit (`repair` in policy.json)
             joint = {n for n, m in model.named_modules() if isinstance(m, (SearchConv2d, SearchLinear)) and m.joint}
             bits, repair_record = fit_to_budget(layers, bits, probs, candidates, limits, total_params, joint,
                                                 fill=float(scfg.budget_fill))

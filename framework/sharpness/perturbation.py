@@ -12,8 +12,8 @@ Which tensors are perturbed: every trainable parameter except the search logits 
 parameter named `step`), i.e. conv/linear weights, biases, batch-norm affine parameters and
 learned activation ranges (PACT clip values; Liu et al., "Sharpness-aware quantization for deep
 neural networks"). An LSQ step is a scale of the quantizer, not of the function: a radius sized for
-the weights (SAQ's 0.3) moves a step of 0.016 (an 8-bit image input's) through zero, and SAQ
-fine-tuning then collapsed to chance (tests/integration/test_search.py). The rule is on the dotted
+the weights (SAQ's 0.3) would move a step of 0.016 (an 8-bit image input's) through zero and
+collapse SAQ fine-tuning to chance (tests/integration/test_search.py). The rule is on the dotted
 name's components, so it also holds when a quantized layer is itself the model (its step size is
 then `weight_quant.step`).
 

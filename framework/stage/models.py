@@ -76,8 +76,8 @@ def model_from_checkpoint(ckpt: Checkpoint, cfg: DictConfig):
         geometry = checkpoint_geometry(ckpt, cfg)
         layers = trace_layers(model, geometry.input_size, geometry.in_channels)
         validate_policy(policy, meta["name"], layers, f"the policy in checkpoint {ckpt.path}")
-        # a checkpoint's quantizer config wins; keys added to the `quant` group since it was written
-        # (e.g. `fused`) take today's values, so older quantized checkpoints still load
+        # a checkpoint's quantizer config wins; `quant` keys it lacks take this config's values, so a
+        # checkpoint whose quantizer config holds fewer keys still loads
         qcfg = OmegaConf.merge(OmegaConf.to_container(cfg.quant, resolve=True), quant["config"])
         quantize_with_policy(model, policy, qcfg, layers)
     load_model_state(model, ckpt)

@@ -86,5 +86,5 @@ class TargetStep:
         return {"two_pass": self.two_pass.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "two_pass" in state:  # a training state without it restores the engine alone, as before
+        if "two_pass" in state:  # a training state without it restores the engine alone
             self.two_pass.load_state_dict(state["two_pass"])

@@ -1,7 +1,7 @@
 """CPU kernels of the fake quantizers in C (quant_kernels.c): one pass over the tensor each way.
 
-On a CPU, torch.compile's code for the supernet's mixed activation spends about 4x its forward time
-in the backward (nine reductions, each with a cascade-summation helper), and each compiled call
+On a CPU, torch.compile's code for the supernet's mixed activation spends several times its forward
+time in the backward (nine reductions, each with a cascade-summation helper), and each compiled call
 pays for dynamo's guards and wrappers (benchmarks/quant_overhead.py --profile). The C kernels do
 the forward in one pass and the backward in one pass per chunk of 2048 elements, all candidates'
 sums kept in L1, parallel over chunks with OpenMP (torch's own runtime, already loaded) and
@@ -10,12 +10,11 @@ vectorised by the compiler (reductions into 16 partial sums, vector registers); 
 (intrinsics, the same operations in the same order). Built without fused multiply-adds
 (`-ffp-contract=off`), the forward passes equal the plain torch ops bit for bit.
 
-Around the kernels, each small torch op costs tens of microseconds on a 2-core CPU: the first op
-after a large kernel runs with the caches that kernel flushed (measured: 35-54 us for a 4-element
-`.to()` right after a convolution, 2.4 us for the next one). So a supernet layer's mixes take the
-softmax of their logits and the ranges' `|rho| + 1e-8` in the same call, and return the logits' and
-ranges' gradients from it (`mixed_learned_range_of_params`, `mixed_minmax_of_logits`): one autograd
-node per mix instead of six, 0.11x of a full-precision step less (benchmarks/README.md).
+Around the kernels, each small torch op is costly on a CPU: the first op after a large kernel runs
+with the caches that kernel flushed. So a supernet layer's mixes take the softmax of their logits and
+the ranges' `|rho| + 1e-8` in the same call, and return the logits' and ranges' gradients from it
+(`mixed_learned_range_of_params`, `mixed_minmax_of_logits`): one autograd node per mix, not one per
+op (benchmarks/README.md measures the step time).
 
 The library is compiled on first use with the C compiler (`$CC`, else `cc`/`gcc`) at -O3 for the
 machine's own CPU and kept under `$TORCH_EXTENSIONS_DIR/mpq_quant_kernels/<key>/`: the key hashes
@@ -30,10 +29,9 @@ elements into a slot of their own and added in chunk order after the parallel lo
 atomics: a call gives the same bits whichever thread ran which chunk and at any thread count.
 
 The library is loaded as a `ctypes.PyDLL`, so a call keeps the GIL, as torch's own ops do while
-they run their OpenMP loops. Through `ctypes.CDLL`, which releases it, the pipeline's other Python
-threads (tracking, the process group) ran during every kernel and took a core from one of its
-OpenMP threads; a static schedule then waits for the slowest thread. In `mpq pipeline` this made
-evaluation take 5.0-5.7 s instead of 2.5-3.0 s, and fine-tuning 20-22 s instead of 16-17 s.
+they run their OpenMP loops: a call that released it (`ctypes.CDLL`) would let the process's other
+Python threads (tracking, the process group) run during every kernel and take a core from one of
+its OpenMP threads, and a static schedule waits for the slowest thread.
 
 Every kernel takes float32 tensors on the CPU; the autograd functions here make them contiguous and
 are differentiable once (Hessian-vector products ask the seam for a twice-differentiable backend:
@@ -190,7 +188,7 @@ def differentiable_once(backward):
     """`once_differentiable` where it matters: a backward with `create_graph` (grad mode on) goes
     through it, so its outputs refuse a second derivative; the usual backward (grad mode off) skips
     its wrapper, which costs more than the rest of a small kernel's Python (one no_grad block and
-    one check per node, ~5 us each time even with warm caches)."""
+    one check per node on every call, even with warm caches)."""
     wrapped = once_differentiable(backward)
 
     @functools.wraps(backward)
