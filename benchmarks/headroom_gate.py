@@ -6,8 +6,10 @@ The best uniform split is chosen among the study's `uniform-*` rows by mean **va
 test split, paired by seed: the mean difference, its 95 % t interval (framework.stats), and the
 gate of the issue that asked for the study: a row passes when its mean difference is at least
 max(0.3 points, 2 x the pooled per-seed standard deviation of the two rows) and the interval lies
-above 0. Validation top-1 comes from each run's record (`val_top1`) or, for runs recorded before
-it was kept, from its `finetune/result.json`.
+above 0. Validation top-1 comes from each run's record (`val_top1`) or, for runs recorded without
+it, from its `finetune/result.json`. Where the study has several rows of random policies (sources
+`random:<seed>`, `random:<seed + n>`), a pooled row `random (pooled)` compares their per-seed mean:
+the mean over every random policy, still paired by seed.
 
     .venv/bin/python benchmarks/headroom_gate.py outputs/study/headroom_resnet8
 """
@@ -21,6 +23,9 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from framework.stats import paired_difference
+
+#: the row of the per-seed mean over every random-policy row
+POOLED = "random (pooled)"
 
 
 def _val_top1(folder: Path, run: dict) -> float | None:
@@ -39,11 +44,17 @@ def gate(folder: Path) -> dict:
     by_row: dict[str, dict[int, dict]] = {}
     for run in report["runs"]:
         by_row.setdefault(run["row"], {})[int(run["seed"])] = {"test": float(run["top1"]), "val": _val_top1(folder, run)}
+    randoms = [row["name"] for row in report.get("rows", []) if str(row.get("source", "")).startswith("random:<seed")]
+    if len(randoms) > 1:
+        shared = set.intersection(*(set(by_row[row]) for row in randoms))
+        by_row[POOLED] = {seed: {"test": mean(by_row[row][seed]["test"] for row in randoms), "val": None}
+                          for seed in sorted(shared)}
     uniform = [row for row in by_row if row.startswith("uniform")]
     if not uniform:
         raise SystemExit(f"{folder}: no uniform-* row to measure headroom against")
     best = max(uniform, key=lambda row: mean(v["val"] for v in by_row[row].values() if v["val"] is not None))
-    out = {"best_uniform": best, "selected_by": "mean validation top-1", "rows": []}
+    out = {"best_uniform": best, "selected_by": "mean validation top-1", "rows": [],
+           "pooled_random": randoms if len(randoms) > 1 else []}
     for row, seeds in by_row.items():
         if row == best:
             continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.headroom_gate import gate
 
 
@@ -37,3 +39,21 @@ def test_a_consistent_gain_below_the_threshold_does_not_pass(tmp_path):
     })
     (row,) = gate(study)["rows"]
     assert row["low"] > 0 and row["threshold"] == 0.003 and not row["passes"]
+
+
+def test_random_rows_are_pooled_per_seed(tmp_path):
+    """Two random rows (random:<seed>, random:<seed + 100>): the pooled row is their per-seed mean, paired."""
+    study = _study(tmp_path, {
+        "uniform-3-3": [(0.900, 0.89), (0.902, 0.89), (0.904, 0.89)],
+        "random": [(0.890, 0.88), (0.894, 0.88), (0.896, 0.88)],
+        "random-b": [(0.896, 0.88), (0.898, 0.88), (0.904, 0.88)],
+    })
+    report = json.loads((study / "study.json").read_text())
+    report["rows"] = [{"name": "uniform-3-3", "source": "uniform:3/3"}, {"name": "random", "source": "random:<seed>"},
+                      {"name": "random-b", "source": "random:<seed + 100>"}]
+    (study / "study.json").write_text(json.dumps(report))
+    result = gate(study)
+    rows = {r["row"]: r for r in result["rows"]}
+    assert result["pooled_random"] == ["random", "random-b"]
+    pooled = rows["random (pooled)"]
+    assert pooled["n"] == 3 and pooled["mean"] == pytest.approx(((0.893 - 0.900) + (0.896 - 0.902) + (0.900 - 0.904)) / 3)
