@@ -14,15 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from framework.data import build_dataset, get_dataset_spec
-from framework.errors import MPQError
-from framework.policy import budget_from_config
-from framework.quant.convert import fixed_bits_of, fixed_layer_names
-from framework.quant.cost import trace_layers
 from framework.results import Result, write_result
 from framework.search.loop import check_search_budget, run_search
-from framework.stage import Geometry, build_model, model_meta, resolve_policy, run_directory, sub_config
-from framework.stage.policies import HAWQ, SENSITIVITY, parse_random_best
+from framework.stage import run_directory, sub_config
+from framework.stage.checks import check_policy_spec
 from framework.stages.evaluate import run_evaluate
 from framework.stages.export import run_export
 from framework.stages.finetune import run_finetune
@@ -178,23 +173,9 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
 
 
 def check_fixed_policy(cfg: DictConfig) -> None:
-    """`pipeline.policy` resolved on the untrained `cfg.model` at `cfg.data`'s geometry before the
-    pretraining, so a malformed spec, an unsupported width, a policy file of another model or a
-    budget no policy meets is one error line in seconds. `hawq`, `sensitivity` and `random-best:<K>` are
-    measured on the pretrained model later; here only their budget (and K) is checked."""
-    spec = get_dataset_spec(str(cfg.data.name))
-    num_classes = spec.num_classes or build_dataset(cfg.data, "test").mpq_info["num_classes"]
-    meta = model_meta(cfg, num_classes)
-    geometry = Geometry(int(cfg.data.input_size or spec.native_size or 28), int(cfg.data.channels))
-    policy_spec = str(cfg.pipeline.policy)
-    if policy_spec in (HAWQ, SENSITIVITY) or parse_random_best(policy_spec) is not None:
-        layers = trace_layers(build_model(meta), geometry.input_size, geometry.in_channels)
-        fixed_bits = fixed_bits_of(cfg.quant)
-        if budget_from_config(cfg.search, layers, fixed_layer_names(layers, fixed_bits), fixed_bits) is None:
-            raise MPQError(f"pipeline.policy={policy_spec} needs search.budget_uniform_bits, search.budget_bitops or "
-                           f"search.budget_size_mb")
-        return
-    resolve_policy(policy_spec, meta["name"], lambda: build_model(meta), geometry, cfg.quant, search_cfg=cfg.search)
+    """`pipeline.policy` resolved on the untrained `cfg.model` before the pretraining
+    (framework.stage.checks): a bad policy is one error line in seconds."""
+    check_policy_spec(cfg, str(cfg.pipeline.policy), "pipeline.policy")
 
 
 def _stage_note(stage: str, m: dict[str, Any]) -> str:

@@ -20,9 +20,11 @@ from omegaconf import DictConfig
 
 from framework.errors import MPQError
 from framework.results import Result, finished_result, write_result
+from framework.search.loop import check_search_budget
 from framework.stage import run_directory
+from framework.stage.checks import check_policy_spec
 from framework.study.execute import execute_run, read_run, run_pretrain_once
-from framework.study.plan import StudyPlan, plan_study
+from framework.study.plan import StudyPlan, compose_stage, plan_study
 from framework.study.report import build_report, write_report
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,26 @@ def study_folder(cfg: DictConfig) -> Path:
     return run_directory(cfg, "study")
 
 
+def check_plan(plan: StudyPlan) -> None:
+    """Every row's stages composed and validated, its policy spec resolved on the untrained model
+    and its search budget checked against its search space, at the first seed (the seeds change only
+    `seed=` and which random draw): a bad row is one error line before the pretraining starts."""
+    for row in plan.rows:
+        pending = [r for r in plan.runs if r.row == str(row["name"]) and read_run(r) is None]
+        if not pending:
+            continue  # every seed of the row finished
+        run = pending[0]
+        try:
+            finetune = compose_stage("finetune", run.overrides, run.dir / "finetune", policy=run.policy)
+            compose_stage("evaluate", run.overrides, run.dir / "evaluate")
+            if run.searches:
+                check_search_budget(compose_stage("search", run.overrides, run.dir / "search"))
+            elif run.policy:
+                check_policy_spec(finetune, run.policy)
+        except MPQError as err:
+            raise MPQError(f"study {plan.name}, row {run.row}: {err}") from None
+
+
 def run_study(cfg: DictConfig, launch: Launch | None = None) -> Result:
     """Run (or resume) the study `cfg.study`; write study.json, study.md, figures/ and result.json."""
     if "study" not in cfg or cfg.study is None:
@@ -79,6 +101,7 @@ def run_study(cfg: DictConfig, launch: Launch | None = None) -> Result:
         write_result(Path(cfg.run_dir) if cfg.run_dir else folder, out, cfg)
         return out
 
+    check_plan(plan)  # every row's stages and policy, before the first step of any
     if launch is not None:
         _dispatch(plan, launch)
     fp = run_pretrain_once(plan)

@@ -1,5 +1,8 @@
 """`mpq study`: every row and seed as the existing stages, a report whose numbers are the runs'
-numbers, and a resume that recomputes nothing that finished."""
+numbers, and a resume that recomputes nothing that finished (the smoke study, interrupted and
+resumed: slow). The fast tier keeps the comparison and the seeded policies (pure functions), the
+error lines (the command in-process) and the ImageNet study's two runs on a tiny tree (the study
+stage's smoke run)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from tests.conftest import (
     read_json,
     read_result,
     run_mpq,
+    run_mpq_in_process,
     run_stage,
     start_mpq,
     wait_for,
@@ -43,6 +47,10 @@ def smoke_study(tmp_path_factory, pretrained_checkpoint):
     return {"folder": folder, "args": args, "interrupted": proc, "finished": finished, "resumed": resumed}
 
 
+# The tests of the smoke study (six runs, stopped after the first, resumed): slow, `make test-all`.
+@pytest.mark.slow
+@pytest.mark.study
+@pytest.mark.faults
 def test_interrupted_study_resumes_without_recomputing_finished_runs(smoke_study):
     assert smoke_study["interrupted"].returncode != 0  # it was stopped, not finished
     finished, resumed = smoke_study["finished"], smoke_study["resumed"]
@@ -54,6 +62,8 @@ def test_interrupted_study_resumes_without_recomputing_finished_runs(smoke_study
     assert f"{len(ROWS) * len(SEEDS)}/{len(ROWS) * len(SEEDS)} runs done" in resumed.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.study
 def test_rerunning_a_finished_study_recomputes_nothing_and_gives_the_same_study_json(smoke_study):
     folder = smoke_study["folder"]
     before = (folder / "study.json").read_bytes()
@@ -65,6 +75,8 @@ def test_rerunning_a_finished_study_recomputes_nothing_and_gives_the_same_study_
     assert (folder / "study.json").read_bytes() == before
 
 
+@pytest.mark.slow
+@pytest.mark.study
 def test_study_json_holds_every_run_and_its_numbers_are_the_runs_numbers(smoke_study):
     folder = smoke_study["folder"]
     report = read_json(folder / "study.json")
@@ -87,6 +99,8 @@ def test_study_json_holds_every_run_and_its_numbers_are_the_runs_numbers(smoke_s
         assert f"{100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f}" in markdown
 
 
+@pytest.mark.slow
+@pytest.mark.study
 def test_every_policy_of_the_study_meets_its_budget_and_random_differs_by_seed(smoke_study):
     report = read_json(smoke_study["folder"] / "study.json")
     for run in report["runs"]:
@@ -95,6 +109,8 @@ def test_every_policy_of_the_study_meets_its_budget_and_random_differs_by_seed(s
     assert len(randoms) == 2 and randoms[0] != randoms[1]
 
 
+@pytest.mark.slow
+@pytest.mark.study
 def test_asga_rows_record_the_radius_they_searched_with(smoke_study):
     report = read_json(smoke_study["folder"] / "study.json")
     for run in report["runs"]:
@@ -126,13 +142,25 @@ def test_random_rows_draw_a_new_policy_per_seed_and_other_specs_stay_fixed():
         seeded_policy("random+x", 0)
 
 
+@pytest.mark.parametrize("override,fragments", [
+    ("study.rows.0.policy=uniform:9/9", ("row uniform-budget", "policy=uniform:9/9", "9 bits is not supported")),
+    ("search.budget_bitops=1000", ("row uniform-budget", "no uniform W/A")),
+])
+def test_a_bad_row_is_one_error_line_before_the_pretraining(tmp_path, override, fragments):
+    """The study checks every row's stages, policy and budget on the untrained model first."""
+    proc = run_mpq("study", "study=smoke", override, f"hydra.run.dir={tmp_path}", timeout=120)
+    assert_one_error_line(proc, "study", "study smoke", *fragments)
+    assert not (tmp_path / "pretrain").exists()
+
+
 def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
-    proc = run_mpq("study", f"hydra.run.dir={tmp_path / 'none'}")
+    proc = run_mpq_in_process("study", f"hydra.run.dir={tmp_path / 'none'}")
     assert_one_error_line(proc, "study", "study=<name>")
-    proc = run_mpq("study", "study=smoke", "+study.rows.0.search=dnas", f"hydra.run.dir={tmp_path / 'bad'}")
+    proc = run_mpq_in_process("study", "study=smoke", "+study.rows.0.search=dnas", f"hydra.run.dir={tmp_path / 'bad'}")
     assert_one_error_line(proc, "study", "uniform-budget", "exactly one of")
 
 
+@pytest.mark.smoke
 def test_the_imagenet_study_composes_and_its_runs_take_a_few_steps_on_an_imagenet_shaped_tree(tmp_path):
     """study=imagenet_resnet18 is meant for GPUs; here every run of it composes and validates, and the
     pretraining and one searched run take two steps each on a tiny ImageFolder tree of JPEGs."""
