@@ -54,6 +54,7 @@ from framework.policy import (
 )
 from framework.quant.convert import fixed_bits_of, fixed_layer_names, quantize_model
 from framework.quant.cost import LayerCost, float_parameter_count, trace_layers
+from framework.train.loop import preserved_rng
 
 
 @dataclass
@@ -135,11 +136,15 @@ def resolve_policy(
     if spec == UNIFORM_BUDGET or parse_random(spec) is not None:
         return _baseline(spec, model_name, layers, total_params, geometry, qcfg, search_cfg), layers
 
+    # measured policies leave the random streams as they found them: the fine-tune that follows draws
+    # what it would under any other policy at the same seed (a study's rows stay paired)
     if parse_random_best(spec) is not None:
-        return _best_random(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
+        with preserved_rng():
+            return _best_random(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
 
     if spec in (HAWQ, SENSITIVITY):
-        return _derived(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
+        with preserved_rng():
+            return _derived(spec, model_name, layers, total_params, geometry, qcfg, search_cfg, reference), layers
 
     policy = read_policy(spec)
     source = f"policy file {spec}"

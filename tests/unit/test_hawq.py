@@ -400,3 +400,19 @@ def test_a_malformed_best_of_k_is_one_clear_error(spec, trained_resnet8):
     model, batches = trained_resnet8
     with pytest.raises(MPQError, match=f"policy={spec} is malformed; write random-best:<K>"):
         resolve(spec, model, batches)
+
+
+@pytest.mark.parametrize("spec", ["hawq", "random-best:2"])
+def test_a_measured_policy_leaves_the_random_streams_as_it_found_them(spec, trained_resnet8):
+    """The fine-tune after `hawq` or `random-best` draws the dropout masks and data it would draw after
+    `uniform:W/A` at the same seed: the study's rows stay paired."""
+    import random
+
+    model, batches = trained_resnet8
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    resolve(spec, model, batches)
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    resolve("uniform:3/3", model, batches)  # what resolving any policy draws (the float model's initialisation)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]
