@@ -92,6 +92,50 @@ def run_stage(stage: str, run_dir: Path, *args: str, env: dict | None = None, ti
     return result
 
 
+def run_mpq_in_process(*args: str) -> Completed:
+    """`mpq args...` called in this process (launchers.cli.main, as the console script calls it): the
+    exit status, stdout, stderr and run directory `run_mpq` gives, without a new interpreter's start-up
+    (seconds: torch, Hydra). For commands that end before training a model for long: errors of the
+    config, data or checkpoint, and short stages of the fast tier. The process's logging (Hydra
+    configures it), torch thread count and sys.argv are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+
+    import torch
+
+    from launchers.cli import main
+
+    root = logging.getLogger()
+    handlers, level, argv, threads = list(root.handlers), root.level, list(sys.argv), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # the command's sys.exit(2), (143), ...
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+def run_stage_in_process(stage: str, run_dir: Path, *args: str) -> dict:
+    """`run_stage` through `run_mpq_in_process`: `mpq <stage> args... hydra.run.dir=<run_dir>` in this
+    process, which must succeed; its result.json (status ok)."""
+    proc = run_mpq_in_process(stage, *args, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = read_result(run_dir)
+    assert result["stage"] == stage and result["status"] == "ok", result.get("error")
+    return result
+
+
 def start_mpq(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`mpq args...` started in the background (stdout discarded, stderr kept), to be interrupted."""
     return subprocess.Popen([MPQ, *args], cwd=REPO_ROOT, env={**os.environ, **(env or {})},
@@ -255,10 +299,16 @@ def make_image_tree(root: Path, classes: int = 3, per_class: int = 4, size: tupl
 
 
 @pytest.fixture(scope="session")
-def finetuned_checkpoint(pretrained_checkpoint, tmp_path_factory) -> str:
-    """A quantized checkpoint: the session's pretrained model fine-tuned for a few steps under
-    `policy=uniform:4/4` (LSQ)."""
+def finetuned_run(pretrained_checkpoint, tmp_path_factory) -> dict:
+    """`mpq finetune` of the session's pretrained model for a few steps under `policy=uniform:4/4` (LSQ),
+    run once: its run directory and result.json."""
     run_dir = tmp_path_factory.mktemp("finetune_cli") / "run"
     result = run_stage("finetune", run_dir, f"init_checkpoint={pretrained_checkpoint}", "policy=uniform:4/4",
                        "data.fraction=0.02", "data.test_fraction=0.05", "finetune.max_steps=3", "tracking.enabled=false")
-    return result["artifacts"]["checkpoint"]
+    return {"run_dir": run_dir, "result": result}
+
+
+@pytest.fixture(scope="session")
+def finetuned_checkpoint(finetuned_run) -> str:
+    """A quantized checkpoint: `checkpoints/last` of the session's fine-tuned run."""
+    return finetuned_run["result"]["artifacts"]["checkpoint"]

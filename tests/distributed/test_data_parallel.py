@@ -3,6 +3,9 @@
 The reference is one process with 2 gradient-accumulation steps: it sees the same micro-batches
 (batch-norm statistics are per micro-batch in both) and averages the same gradients. Both sides
 run one torch thread per process, so the arithmetic is the same operation for operation.
+
+The runs are slow (`make test-all`: several processes per run); the two configurations refused
+before any process starts are checked in the fast tier, through the command's `main` in-process.
 """
 
 import signal
@@ -21,6 +24,7 @@ from tests.conftest import (
     checkpoint_step,
     read_json,
     run_mpq,
+    run_mpq_in_process,
     trained_parameters,
 )
 
@@ -48,6 +52,8 @@ def one_process(tmp_path_factory, init_checkpoint):
     return run_dir
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path, init_checkpoint, one_process, zero_stage):
     result = _finetune(tmp_path, init_checkpoint, "dist.nproc=2", f"dist.zero_stage={zero_stage}")
@@ -67,6 +73,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tmp_path, in
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= engine_files
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_asga_two_processes_equal_one_process(tmp_path_factory, init_checkpoint):
     """The two-pass step under data parallelism: local first pass, averaged update (ZeRO 2)."""
     one, two = tmp_path_factory.mktemp("asga_one"), tmp_path_factory.mktemp("asga_two")
@@ -80,16 +88,16 @@ def test_asga_two_processes_equal_one_process(tmp_path_factory, init_checkpoint)
 
 
 def test_zero_stage_3_is_refused_for_two_pass_training(tmp_path, init_checkpoint):
-    proc = run_mpq(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}", "dist.zero_stage=3",
-                   "finetune.sharpness.name=sam", "dist.nproc=2")
+    proc = run_mpq_in_process(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}",
+                              "dist.zero_stage=3", "finetune.sharpness.name=sam", "dist.nproc=2")
     assert proc.returncode == 2
     assert len(proc.error_lines) == 1 and "dist.zero_stage=3" in proc.stderr and "two-pass" in proc.stderr
     assert "starting 2 processes" not in proc.stderr  # refused before any process started
 
 
 def test_a_global_batch_that_does_not_split_is_one_clear_error(tmp_path, init_checkpoint):
-    proc = run_mpq(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}",
-                   "dist.gradient_accumulation=3")
+    proc = run_mpq_in_process(*FINETUNE, f"init_checkpoint={init_checkpoint}", f"hydra.run.dir={tmp_path}",
+                              "dist.gradient_accumulation=3")
     assert proc.returncode == 2 and len(proc.error_lines) == 1
     assert "finetune.batch_size=64" in proc.stderr and "multiple of 3" in proc.stderr
 
@@ -128,6 +136,9 @@ def _resume_to_the_uninterrupted_weights(args: list[str], run_dir: Path, step: i
     assert_close_parameters(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.faults
 def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tmp_path, init_checkpoint, uninterrupted):
     """ZeRO 1: each rank's optimizer partition is saved on SIGTERM and restored on resume."""
     args = _thirty_steps(init_checkpoint)
@@ -140,6 +151,9 @@ def test_sigterm_to_two_processes_checkpoints_and_resumes_to_the_same_weights(tm
     _resume_to_the_uninterrupted_weights(args, tmp_path, interrupted["step"], uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.faults
 def test_sigkill_of_one_rank_ends_the_run_promptly_with_one_error_and_resumes(tmp_path, init_checkpoint, uninterrupted):
     """Rank 1 killed (as the OOM killer or a lost node would): rank 0's next collective fails, it
     says so in one line, the launcher ends with status 2 within seconds (not at the process

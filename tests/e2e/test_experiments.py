@@ -2,12 +2,15 @@
 in a subprocess, shrunk to a few steps of every stage (as lightning-hydra-template runs each of its
 experiment configs). The run must be the config Hydra's compose API gives for the same overrides,
 with every value the experiment file sets that the shrink leaves alone. `smoke` is small already: it
-runs unshrunk, once per session (the `smoke_pipeline` fixture, which the command test also checks)."""
+runs unshrunk, once per session (the `smoke_pipeline` fixture, which the command test also checks);
+the other experiments' runs are slow (`make test-all`), and every experiment composes and validates
+in the fast tier."""
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from framework.config import validate_config
 from framework.paths import CONF_DIR
 from tests.conftest import compose_config, read_result, run_stage
 
@@ -19,7 +22,7 @@ SHRINK = [
     f"train.max_steps={STEPS['pretrain']}", f"search.max_steps={STEPS['search']}", f"finetune.max_steps={STEPS['finetune']}",
     "data.test_fraction=0.02", "proxy.fraction=0.01", "proxy.test_fraction=0.02", "data.num_workers=0",
 ]
-SLOW: set[str] = set()  # experiments too slow on 2 cores even shrunk (none so far)
+SLOW = set(EXPERIMENTS) - {"smoke"}  # a pipeline of its own each (a minute or more on 2 cores): `make test-all`
 SMOKE_STEPS = {"pretrain": 20, "search": 6, "finetune": 6}  # conf/experiment/smoke.yaml's own max_steps
 
 
@@ -32,6 +35,20 @@ def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_keeps_what_it_sets_and_validates(tmp_path, name):
+    """What the run below checks before it starts, for every experiment, in-process."""
+    overrides = [f"experiment={name}"] if name == "smoke" else [f"experiment={name}", *SHRINK]
+    cfg = compose_config("pipeline", overrides)
+    written = _leaves(yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()))
+    shrunk = {item.split("=", 1)[0] for item in overrides}
+    kept = {key: value for key, value in written.items() if key not in shrunk}
+    assert kept, f"the shrink overrides everything experiment {name} sets"
+    for key, value in kept.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    validate_config(cfg)  # what `mpq pipeline` checks first
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])

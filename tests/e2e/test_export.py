@@ -1,6 +1,7 @@
 """`mpq export` on a tiny fine-tuned checkpoint of every registered model, with a mixed policy:
 the packed model rebuilt from model.safetensors alone and onnxruntime (optimisations off and
-default) must compute what the framework computes."""
+default) must compute what the framework computes. The matrix is slow (`make test-all`: a model
+trained and exported per case); `mpq export` itself is smoke-tested in test_export_cli.py."""
 
 from __future__ import annotations
 
@@ -137,6 +138,7 @@ def assert_parity(result):
                 assert row[f"{runtime}_tolerance_used"] <= 1, (name, runtime, row)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_finetuned_checkpoint_exports_and_computes_what_the_framework_computes(tmp_path, name):
     checkpoint, policy = finetuned_checkpoint(tmp_path, name)
@@ -162,6 +164,7 @@ def test_a_finetuned_checkpoint_exports_and_computes_what_the_framework_computes
     onnx.checker.check_model(onnx.load(run_dir / "model.onnx"), full_check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, full_precision, opset", [
     # min-max weights and PACT inputs (signed grids symmetric, so always a Clip), one float layer, int2
     ("resnet8", ("quant.weight=minmax", "quant.activation=learned_range"), "layer2.0.conv2", 25),

@@ -1,20 +1,24 @@
-"""`mpq export` as a user runs it: the artifacts of a fine-tuned checkpoint, the README's onnxruntime
-example on them, `mpq evaluate` of the packed file, and one clear error line for each bad input."""
+"""`mpq export` as a user runs it: the artifacts of a fine-tuned checkpoint (the export's smoke run, in
+a subprocess), the README's onnxruntime example on them, `mpq evaluate` of the packed file, and one
+clear error line for each bad input (the command called in-process: they end before any export)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from framework.paths import REPO_ROOT
-from tests.conftest import Completed, assert_one_error_line, read_json, run_mpq, run_stage
+from tests.conftest import (
+    assert_one_error_line,
+    read_json,
+    run_mpq_in_process,
+    run_stage,
+    run_stage_in_process,
+)
 
 FAST = ["data.test_fraction=0.05", "export.batch_size=250", "tracking.enabled=false"]
 
@@ -34,6 +38,7 @@ def exported(finetuned_checkpoint, tmp_path_factory):
     return run_dir, run_stage("export", run_dir, f"checkpoint={finetuned_checkpoint}", *FAST)
 
 
+@pytest.mark.smoke
 def test_export_writes_both_artifacts_and_the_readme_example_runs_them(exported, tmp_path):
     run_dir, result = exported
     metrics = result["metrics"]
@@ -58,20 +63,20 @@ def test_export_writes_both_artifacts_and_the_readme_example_runs_them(exported,
     assert len(predictions) >= 1 and all(p.strip("[],").isdigit() for p in predictions if p.strip("[],"))
 
     # mpq evaluate scores the packed file alone, as the framework scores the checkpoint
-    evaluated = run_stage("evaluate", tmp_path / "evaluate", f"checkpoint={run_dir / 'model.safetensors'}",
-                          "data.test_fraction=0.05", "tracking.enabled=false")
+    evaluated = run_stage_in_process("evaluate", tmp_path / "evaluate", f"checkpoint={run_dir / 'model.safetensors'}",
+                                     "data.test_fraction=0.05", "tracking.enabled=false")
     assert evaluated["metrics"]["samples"] == 500
     assert abs(evaluated["metrics"]["top1"] - metrics["packed_top1"]) < 1e-12
 
 
 def test_a_full_precision_checkpoint_without_a_policy_is_one_error(pretrained_checkpoint, tmp_path):
-    proc = run_mpq("export", f"checkpoint={pretrained_checkpoint}", f"hydra.run.dir={tmp_path}", *FAST)
+    proc = run_mpq_in_process("export", f"checkpoint={pretrained_checkpoint}", f"hydra.run.dir={tmp_path}", *FAST)
     assert_one_error_line(proc, "export", "holds no quantization policy", "policy=", run_dir=tmp_path)
 
 
 def test_a_policy_that_does_not_match_the_checkpoint_is_one_error(finetuned_checkpoint, tmp_path):
-    proc = run_mpq("export", f"checkpoint={finetuned_checkpoint}", "policy=uniform:2/2", f"hydra.run.dir={tmp_path}",
-                   *FAST)
+    proc = run_mpq_in_process("export", f"checkpoint={finetuned_checkpoint}", "policy=uniform:2/2",
+                              f"hydra.run.dir={tmp_path}", *FAST)
     assert_one_error_line(proc, "export", "does not match checkpoint", "W4/A4 in the checkpoint and W2/A2",
                           run_dir=tmp_path)
 
@@ -83,8 +88,8 @@ def test_a_corrupt_or_truncated_packed_file_is_one_error(exported, tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     flipped.write_bytes(data[:-5] + bytes([data[-5] ^ 0x01]) + data[-4:])
     for path in (truncated, flipped):
-        proc = run_mpq("evaluate", f"checkpoint={path}", f"hydra.run.dir={tmp_path / path.stem}",
-                       "tracking.enabled=false")
+        proc = run_mpq_in_process("evaluate", f"checkpoint={path}", f"hydra.run.dir={tmp_path / path.stem}",
+                                  "tracking.enabled=false")
         assert_one_error_line(proc, "evaluate", str(path), "corrupt or truncated", "re-run `mpq export`",
                               run_dir=tmp_path / path.stem)
 
@@ -112,43 +117,38 @@ def gelu_net(num_classes=10, in_channels=1):
     return GeluNet(num_classes, in_channels)
 '''
 
-QUANTIZED_CHECKPOINT = '''
-import sys
-import torch
-from framework.policy import cost_at, make_policy
-from framework.quant.cost import float_parameter_count, trace_layers
-from framework.stage import build_model, quant_meta, quantize_with_policy
-from framework.train.checkpoint import save_checkpoint
-from tests.conftest import compose_config
-import custom_model
+def _save_quantized_gelu_checkpoint(path) -> None:
+    """A W4/A4 checkpoint of the registered gelu_net, its quantizers initialised on one batch."""
+    import torch
 
-cfg = compose_config("finetune")
-meta = {"name": "gelu_net", "num_classes": 10, "in_channels": 1, "options": {}}
-model = build_model(meta)
-layers = trace_layers(model, 28, 1)
-bits = {layer.name: (4, 4) for layer in layers}
-policy = make_policy("gelu_net", layers, bits, set(), {"target": cost_at(layers, bits, float_parameter_count(model), 28, 1)})
-quantize_with_policy(model, policy, cfg.quant, layers)
-model.train()
-model(torch.randn(8, 1, 28, 28))
-save_checkpoint(sys.argv[1], model.eval(), {"stage": "finetune", "model": meta,
-                "data": {"name": "fashion_mnist", "input_size": 28, "channels": 1}, "quant": quant_meta(policy, cfg.quant)})
-'''
+    from framework.policy import cost_at, make_policy
+    from framework.quant.cost import float_parameter_count, trace_layers
+    from framework.stage import build_model, quant_meta, quantize_with_policy
+    from framework.train.checkpoint import save_checkpoint
+    from tests.conftest import compose_config
+
+    cfg = compose_config("finetune")
+    meta = {"name": "gelu_net", "num_classes": 10, "in_channels": 1, "options": {}}
+    model = build_model(meta)
+    layers = trace_layers(model, 28, 1)
+    bits = {layer.name: (4, 4) for layer in layers}
+    policy = make_policy("gelu_net", layers, bits, set(), {"target": cost_at(layers, bits, float_parameter_count(model), 28, 1)})
+    quantize_with_policy(model, policy, cfg.quant, layers)
+    model.train()
+    model(torch.randn(8, 1, 28, 28))
+    save_checkpoint(path, model.eval(), {"stage": "finetune", "model": meta,
+                    "data": {"name": "fashion_mnist", "input_size": 28, "channels": 1}, "quant": quant_meta(policy, cfg.quant)})
 
 
-def test_an_unsupported_layer_is_one_error_naming_it(tmp_path):
-    """A model of the user's own (registered by their script, which then calls the `mpq` command) with a
-    layer the export does not know."""
-    (tmp_path / "custom_model.py").write_text(textwrap.dedent(CUSTOM_MODEL))
+def test_an_unsupported_layer_is_one_error_naming_it(tmp_path, monkeypatch):
+    """A model of the user's own (registered by their script, which then calls the `mpq` command's
+    `main`, as this test does in-process) with a layer the export does not know."""
+    from framework.models.registry import MODELS
+
+    monkeypatch.setitem(MODELS, "gelu_net", None)  # registered by the script below; unregistered after the test
+    exec(compile(textwrap.dedent(CUSTOM_MODEL), "custom_model.py", "exec"), {"__name__": "custom_model"})
     checkpoint = tmp_path / "checkpoint"
-    env_path = f"{tmp_path}:{REPO_ROOT}"
-    subprocess.run([sys.executable, "-c", QUANTIZED_CHECKPOINT, str(checkpoint)], check=True, cwd=REPO_ROOT,
-                   env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True)
-    launcher = ("import sys, custom_model; from launchers.cli import main; "
-                "sys.exit(main(sys.argv[1:]))")
+    _save_quantized_gelu_checkpoint(checkpoint)
     run_dir = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-c", launcher, "export", f"checkpoint={checkpoint}",
-                           f"hydra.run.dir={run_dir}", *FAST], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": env_path})
-    assert_one_error_line(Completed(proc.returncode, proc.stdout, proc.stderr), "export",
-                          "cannot export layer 'act' (GELU)", "supported are", run_dir=run_dir)
+    proc = run_mpq_in_process("export", f"checkpoint={checkpoint}", f"hydra.run.dir={run_dir}", *FAST)
+    assert_one_error_line(proc, "export", "cannot export layer 'act' (GELU)", "supported are", run_dir=run_dir)

@@ -1,13 +1,20 @@
 """`mpq landscape` end to end: on a quantized (fine-tuned) checkpoint it writes the diagnostics to
-result.json, the loss-curve PNG and the Aim run; a full-precision checkpoint is quantized by
-`policy=`; a missing checkpoint is one error line."""
+result.json, the loss-curve PNG and the Aim run (the stage's smoke run, in a subprocess); a
+full-precision checkpoint is quantized by `policy=`; a missing checkpoint is one error line (those
+two through the command's `main` in-process)."""
 
 import math
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_one_error_line, read_result, run_mpq, run_stage
+from tests.conftest import (
+    assert_one_error_line,
+    read_result,
+    run_mpq,
+    run_mpq_in_process,
+    run_stage_in_process,
+)
 
 #: a small measurement: the command's behaviour, not the defaults' cost
 SMALL = ("landscape.batches=2", "landscape.batch_size=16", "landscape.max_iters=4", "landscape.points=5")
@@ -22,6 +29,7 @@ def landscape_run(finetuned_checkpoint, tmp_path_factory):
     return {"run_dir": base / "run", "aim_repo": base / "aim", "proc": proc, "result": read_result(base / "run")}
 
 
+@pytest.mark.smoke
 def test_landscape_of_a_quantized_checkpoint_writes_its_metrics_and_curve(landscape_run, finetuned_checkpoint):
     result = landscape_run["result"]
     assert (result["stage"], result["status"], result["quantized"]) == ("landscape", "ok", True)
@@ -69,18 +77,18 @@ def test_landscape_is_tracked_in_aim(landscape_run):
 
 
 def test_policy_quantizes_a_full_precision_checkpoint(pretrained_checkpoint, tmp_path):
-    result = run_stage("landscape", tmp_path, f"checkpoint={pretrained_checkpoint}", "policy=uniform:4/4", *SMALL,
-                       "landscape.max_iters=2", "tracking.enabled=false")
+    result = run_stage_in_process("landscape", tmp_path, f"checkpoint={pretrained_checkpoint}", "policy=uniform:4/4",
+                                  *SMALL, "landscape.max_iters=2", "tracking.enabled=false")
     assert result["quantized"] is True and result["metrics"]["avg_w_bits"] < 8
     assert result["metrics"]["hessian_iterations"] <= 2 and math.isfinite(result["metrics"]["hessian_top_eigenvalue"])
 
 
 def test_a_quantized_checkpoint_refuses_another_policy(finetuned_checkpoint, tmp_path):
-    proc = run_mpq("landscape", f"checkpoint={finetuned_checkpoint}", "policy=uniform:2/2", "tracking.enabled=false",
-                   f"hydra.run.dir={tmp_path}")
+    proc = run_mpq_in_process("landscape", f"checkpoint={finetuned_checkpoint}", "policy=uniform:2/2",
+                              "tracking.enabled=false", f"hydra.run.dir={tmp_path}")
     assert_one_error_line(proc, "landscape", "already quantized", "drop policy=", run_dir=tmp_path)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path):
-    proc = run_mpq("landscape", "tracking.enabled=false", f"hydra.run.dir={tmp_path}")
+    proc = run_mpq_in_process("landscape", "tracking.enabled=false", f"hydra.run.dir={tmp_path}")
     assert_one_error_line(proc, "landscape", "landscape needs checkpoint=", run_dir=tmp_path)

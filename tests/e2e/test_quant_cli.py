@@ -1,6 +1,7 @@
-"""`mpq cost`, `mpq evaluate` and `mpq finetune` with policies, in a subprocess: the round trip, the
-cost and top-1 under a policy, and a bad policy file once per command for the one-line error
-contract (every kind of bad policy is checked in-process in tests/unit/test_policy.py)."""
+"""`mpq cost`, `mpq evaluate` and `mpq finetune` with policies: the round trip, the cost and top-1
+under a policy, and a bad policy file once per command for the one-line error contract (every kind
+of bad policy is checked in-process in tests/unit/test_policy.py). `mpq cost` of ResNet-18 runs in a
+subprocess (the cost stage's smoke run); the others call the command's `main` in-process."""
 
 import json
 
@@ -15,7 +16,14 @@ from framework.quant import fixed_layer_names, float_parameter_count, trace_laye
 from framework.stage import quant_meta, quantize_with_policy
 from framework.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from framework.train.loop import evaluate
-from tests.conftest import assert_one_error_line, read_json, read_result, run_mpq, run_stage
+from tests.conftest import (
+    assert_one_error_line,
+    read_json,
+    read_result,
+    run_mpq,
+    run_mpq_in_process,
+    run_stage_in_process,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +35,7 @@ def resnet18_cost(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.smoke
 def test_cost_command_matches_published_resnet18(resnet18_cost):
     run_dir, proc = resnet18_cost
     result = read_result(run_dir)
@@ -49,7 +58,7 @@ def test_policy_round_trips_through_the_command(resnet18_cost, tmp_path):
     data["layers"]["layer3.0.conv1"].update(w_bits=2, a_bits=4)
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps(data))
-    result = run_stage("cost", tmp_path / "r", "model=resnet18", "input_size=224", f"policy={mixed}", "tracking.enabled=false")
+    result = run_stage_in_process("cost", tmp_path / "r", "model=resnet18", "input_size=224", f"policy={mixed}", "tracking.enabled=false")
     layer = data["layers"]["layer3.0.conv1"]
     expected = read_result(run_dir)["metrics"]["bitops"] - layer["macs"] * (64 - 8)
     assert result["metrics"]["bitops"] == pytest.approx(expected)
@@ -61,7 +70,7 @@ def test_policy_round_trips_through_the_command(resnet18_cost, tmp_path):
 def resnet8_policy(tmp_path_factory):
     """A uniform 4/4 resnet8 policy written by `mpq cost` at the Fashion-MNIST geometry."""
     run_dir = tmp_path_factory.mktemp("r8cost")
-    run_stage("cost", run_dir, "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4", "tracking.enabled=false")
+    run_stage_in_process("cost", run_dir, "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4", "tracking.enabled=false")
     return run_dir
 
 
@@ -75,7 +84,7 @@ def _bad_policy_file(tmp_path, resnet8_policy, change):
 
 def test_a_bad_policy_through_cost_is_one_error_line(resnet8_policy, tmp_path):
     path = _bad_policy_file(tmp_path, resnet8_policy, lambda d: d.update(budget={"bitops": 1e6, "at": "target"}))
-    proc = run_mpq("cost", "model=resnet8", "input_size=28", "in_channels=1", f"policy={path}",
+    proc = run_mpq_in_process("cost", "model=resnet8", "input_size=28", "in_channels=1", f"policy={path}",
                    f"hydra.run.dir={tmp_path / 'r'}", "tracking.enabled=false")
     assert_one_error_line(proc, "cost", f"policy file {path} breaks its budget", run_dir=tmp_path / "r")
 
@@ -84,7 +93,7 @@ def test_baseline_policies_through_cost_meet_the_search_budget(tmp_path):
     """`policy=uniform-budget` under a fractional `search.budget_uniform_bits` and `policy=random:<seed>`
     under the default budget resolve through `mpq cost`; an impossible budget is one error line."""
     common = ["model=resnet8", "input_size=28", "in_channels=1", "tracking.enabled=false"]
-    uniform = run_stage("cost", tmp_path / "u", *common, "policy=uniform-budget", "search.budget_uniform_bits=2.5")
+    uniform = run_stage_in_process("cost", tmp_path / "u", *common, "policy=uniform-budget", "search.budget_uniform_bits=2.5")
     policy = read_json(tmp_path / "u" / "policy.json")
     # 2.5 bits: 2.5 x 2.5 BitOps per MAC in every searched layer, the fixed layers at 8 x 8
     expected = sum(layer["macs"] * (64 if layer["fixed"] else 6.25) for layer in policy["layers"].values())
@@ -93,19 +102,19 @@ def test_baseline_policies_through_cost_meet_the_search_budget(tmp_path):
     assert len({(layer["w_bits"], layer["a_bits"]) for layer in policy["layers"].values() if not layer["fixed"]}) == 1
     assert policy["provenance"]["method"] == "uniform-budget"
 
-    random = run_stage("cost", tmp_path / "r", *common, "policy=random:3")
+    random = run_stage_in_process("cost", tmp_path / "r", *common, "policy=random:3")
     policy = read_json(tmp_path / "r" / "policy.json")
     budget = policy["budget"]["bitops"]
     assert 0.97 * budget <= random["metrics"]["bitops"] <= budget  # the default budget, uniform 4/4, used
     assert policy["provenance"]["method"] == "random" and policy["provenance"]["seed"] == 3
 
-    proc = run_mpq("cost", *common, "policy=random:3", "search.budget_bitops=1", f"hydra.run.dir={tmp_path / 'x'}")
+    proc = run_mpq_in_process("cost", *common, "policy=random:3", "search.budget_bitops=1", f"hydra.run.dir={tmp_path / 'x'}")
     assert_one_error_line(proc, "cost", "BitOps budget", "is impossible", "raise search.budget_bitops", run_dir=tmp_path / "x")
 
 
 def test_a_bad_policy_through_evaluate_is_one_error_line(pretrained_checkpoint, resnet8_policy, tmp_path):
     path = _bad_policy_file(tmp_path, resnet8_policy, lambda d: d["layers"].update({"layer9.conv": d["layers"]["conv1"]}))
-    proc = run_mpq("evaluate", f"checkpoint={pretrained_checkpoint}", f"policy={path}", f"hydra.run.dir={tmp_path / 'r'}",
+    proc = run_mpq_in_process("evaluate", f"checkpoint={pretrained_checkpoint}", f"policy={path}", f"hydra.run.dir={tmp_path / 'r'}",
                    "tracking.enabled=false", "data.test_fraction=0.1")
     assert_one_error_line(proc, "evaluate", f"policy file {path} names unknown layer 'layer9.conv'", run_dir=tmp_path / "r")
 
@@ -113,14 +122,14 @@ def test_a_bad_policy_through_evaluate_is_one_error_line(pretrained_checkpoint, 
 def test_a_bad_policy_through_finetune_is_one_error_line(pretrained_checkpoint, tmp_path):
     path = tmp_path / "policy.json"
     path.write_text('{"schema": "mpq-policy/1", "model": "resnet8", "layers": {')
-    proc = run_mpq("finetune", f"init_checkpoint={pretrained_checkpoint}", f"policy={path}", f"hydra.run.dir={tmp_path / 'r'}",
+    proc = run_mpq_in_process("finetune", f"init_checkpoint={pretrained_checkpoint}", f"policy={path}", f"hydra.run.dir={tmp_path / 'r'}",
                    "tracking.enabled=false", "data.fraction=0.02", "data.test_fraction=0.05")
     assert_one_error_line(proc, "finetune", f"policy file {path} is not valid JSON", run_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_evaluate_under_a_policy_reports_top1_bitops_and_size(pretrained_run, pretrained_checkpoint, resnet8_policy, tmp_path):
-    result = run_stage("evaluate", tmp_path, f"checkpoint={pretrained_checkpoint}", f"policy={resnet8_policy / 'policy.json'}",
+    result = run_stage_in_process("evaluate", tmp_path, f"checkpoint={pretrained_checkpoint}", f"policy={resnet8_policy / 'policy.json'}",
                        "tracking.enabled=false")
     assert result["quantized"] is True
     cost = read_result(resnet8_policy)["metrics"]
@@ -162,7 +171,7 @@ def test_evaluate_a_quantized_checkpoint(pretrained_checkpoint, tmp_path, missin
         del meta["config"][key]
     save_checkpoint(tmp_path / "q", model, {**source.meta, "quant": meta})
 
-    result = run_stage("evaluate", tmp_path / "r", f"checkpoint={tmp_path / 'q'}", "data.test_fraction=0.1", "tracking.enabled=false")
+    result = run_stage_in_process("evaluate", tmp_path / "r", f"checkpoint={tmp_path / 'q'}", "data.test_fraction=0.1", "tracking.enabled=false")
     assert result["quantized"] is True
     assert result["metrics"]["top1"] == pytest.approx(expected, abs=1e-9)
     assert result["metrics"]["avg_w_bits"] == pytest.approx(3.0) and result["metrics"]["avg_a_bits"] == pytest.approx(4.0)

@@ -2,7 +2,8 @@
 a budget no policy can meet, and a disk that fills up while a checkpoint is written.
 
 Each ends in one line (a warning, or `mpq <stage>: error: ...` with exit status 2) and loses
-nothing that was already written."""
+nothing that was already written. The command is called in-process (launchers.cli.main) where it
+ends before training or trains two steps; the full disk, a fault injected into a subprocess, is slow."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.conftest import (
     assert_one_error_line,
     compose_config,
     read_result,
-    run_mpq,
+    run_mpq_in_process,
     run_stage,
 )
 
@@ -32,7 +33,7 @@ TINY = ["data=fashion_mnist", "model=resnet8", "data.fraction=0.02", "data.test_
 
 def test_resume_without_a_checkpoint_says_so_once_and_starts_from_scratch(tmp_path):
     run_dir = tmp_path / "new"
-    proc = run_mpq("pretrain", *TINY, "train.max_steps=2", "resume=true", f"hydra.run.dir={run_dir}")
+    proc = run_mpq_in_process("pretrain", *TINY, "train.max_steps=2", "resume=true", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stdout.splitlines() if "WARNING" in line]
     assert len(warnings) == 1, warnings
@@ -44,7 +45,7 @@ def test_resume_without_a_checkpoint_says_so_once_and_starts_from_scratch(tmp_pa
     assert "starting from scratch" in result["resume"]["warning"]
 
     # the same command again finds the checkpoint: no warning, and it continues from step 2 (the end)
-    again = run_mpq("pretrain", *TINY, "train.max_steps=2", "resume=true", f"hydra.run.dir={run_dir}")
+    again = run_mpq_in_process("pretrain", *TINY, "train.max_steps=2", "resume=true", f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if "WARNING" in line]
     resumed = read_result(run_dir)
@@ -54,8 +55,8 @@ def test_resume_without_a_checkpoint_says_so_once_and_starts_from_scratch(tmp_pa
 
 def test_an_impossible_budget_is_refused_before_the_search_trains(tmp_path, pretrained_checkpoint):
     run_dir = tmp_path / "search"
-    proc = run_mpq("search", f"init_checkpoint={pretrained_checkpoint}", "search.budget_bitops=1",
-                   "search.epochs=50", "tracking.enabled=false", f"hydra.run.dir={run_dir}")
+    proc = run_mpq_in_process("search", f"init_checkpoint={pretrained_checkpoint}", "search.budget_bitops=1",
+                              "search.epochs=50", "tracking.enabled=false", f"hydra.run.dir={run_dir}")
     assert_one_error_line(proc, "search", "is impossible", "the cheapest policy", "search.budget_bitops",
                           run_dir=run_dir)
     assert not (run_dir / "checkpoints").exists()  # not one search step
@@ -63,7 +64,7 @@ def test_an_impossible_budget_is_refused_before_the_search_trains(tmp_path, pret
 
 def test_the_pipeline_refuses_an_impossible_budget_before_it_pretrains(tmp_path):
     run_dir = tmp_path / "pipeline"
-    proc = run_mpq("pipeline", *TINY, "search.budget_size_mb=0.0001", f"hydra.run.dir={run_dir}")
+    proc = run_mpq_in_process("pipeline", *TINY, "search.budget_size_mb=0.0001", f"hydra.run.dir={run_dir}")
     assert_one_error_line(proc, "pipeline", "size budget", "is impossible", "search.budget_size_mb", run_dir=run_dir)
     assert not (run_dir / "pretrain").exists()
 
@@ -76,7 +77,7 @@ def test_the_pipeline_refuses_an_impossible_budget_before_it_pretrains(tmp_path)
 def test_the_pipeline_refuses_a_bad_fixed_policy_before_it_pretrains(tmp_path, policy, fragments):
     run_dir = tmp_path / "pipeline"
     started = time.time()
-    proc = run_mpq("pipeline", *TINY, f"pipeline.policy={policy}", f"hydra.run.dir={run_dir}")
+    proc = run_mpq_in_process("pipeline", *TINY, f"pipeline.policy={policy}", f"hydra.run.dir={run_dir}")
     assert_one_error_line(proc, "pipeline", *fragments, run_dir=run_dir)
     assert not (run_dir / "pretrain").exists() and time.time() - started < 60
 
@@ -114,6 +115,8 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.skipif(shutil.which("unshare") is None or not _can_mount_tmpfs(),
                     reason="needs `unshare -m` and a tmpfs mount (root in a user or mount namespace)")
 def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one_and_is_one_error(tmp_path, pretrained_run):

@@ -11,6 +11,7 @@ from framework.quant import native
 from tests.conftest import assert_same_weights, read_json, run_stage
 
 
+@pytest.mark.slow  # two fine-tunings in new processes (the same command twice): `make test-all`
 @pytest.mark.skipif(not native.available(), reason="the C kernels do not build here (no C compiler)")
 def test_a_finetune_repeated_at_two_threads_on_the_native_kernels_gives_the_same_checkpoint(
         pretrained_checkpoint, tmp_path):

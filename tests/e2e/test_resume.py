@@ -18,6 +18,8 @@ from tests.conftest import (
     wait_for,
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # runs killed and resumed: `make test-all`
+
 ARGS = ["data.fraction=0.05", "data.test_fraction=0.05", "train.epochs=3", "tracking.enabled=false"]
 
 

@@ -1,8 +1,8 @@
 """`mpq study`: every row and seed as the existing stages, a report whose numbers are the runs'
 numbers, and a resume that recomputes nothing that finished (the smoke study, interrupted and
-resumed: slow). The fast tier keeps the comparison and the seeded policies (pure functions), the
-error lines (the command in-process) and the ImageNet study's two runs on a tiny tree (the study
-stage's smoke run)."""
+resumed) and the ImageNet study's runs on a tiny tree: slow. The fast tier keeps a study of one row
+and one seed (the study stage's smoke run), the comparison and the seeded policies (pure functions)
+and the error lines (the command in-process)."""
 
 from __future__ import annotations
 
@@ -153,6 +153,25 @@ def test_a_bad_row_is_one_error_line_before_the_pretraining(tmp_path, override, 
     assert not (tmp_path / "pretrain").exists()
 
 
+@pytest.mark.smoke
+def test_a_study_of_one_row_and_one_seed_writes_its_report(tmp_path, pretrained_checkpoint):
+    """`mpq study study=smoke` cut to its uniform-budget row at seed 0 from the session's checkpoint,
+    without the landscape: plan, check, fine-tune, evaluate, then study.json and study.md."""
+    folder = tmp_path / "study"
+    result = run_stage("study", folder, "study=smoke", "study.seeds=[0]",
+                       "study.rows=[{name: uniform-budget, policy: uniform-budget}]", "study.baselines=[uniform-budget]",
+                       "study.reference=uniform-budget", "study.landscape=false",
+                       f"study.init_checkpoint={pretrained_checkpoint}", "tracking.enabled=false")
+    assert result["metrics"]["runs"] == 1 and result["metrics"]["rows"] == 1
+    report = read_json(folder / "study.json")
+    (row,) = report["rows"]
+    assert (row["name"], row["n"], row["seeds"]) == ("uniform-budget", 1, [0])
+    (run,) = report["runs"]
+    assert run["top1"] == read_result(folder / row["runs"][0] / "evaluate")["metrics"]["top1"] == row["top1_mean"]
+    assert run["bitops"] <= run["policy_budget"]["bitops"] * (1 + 1e-9)
+    assert f"| {row['label']} |" in (folder / "study.md").read_text()
+
+
 def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
     proc = run_mpq_in_process("study", f"hydra.run.dir={tmp_path / 'none'}")
     assert_one_error_line(proc, "study", "study=<name>")
@@ -160,7 +179,8 @@ def test_study_without_a_study_or_with_a_bad_row_is_one_error_line(tmp_path):
     assert_one_error_line(proc, "study", "uniform-budget", "exactly one of")
 
 
-@pytest.mark.smoke
+@pytest.mark.slow  # 96 stage configs composed, then a ResNet-18 pretraining and a searched run in new processes
+@pytest.mark.study
 def test_the_imagenet_study_composes_and_its_runs_take_a_few_steps_on_an_imagenet_shaped_tree(tmp_path):
     """study=imagenet_resnet18 is meant for GPUs; here every run of it composes and validates, and the
     pretraining and one searched run take two steps each on a tiny ImageFolder tree of JPEGs."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aim import Repo
 
-from tests.conftest import free_port, run_stage
+from tests.conftest import free_port, run_stage_in_process
 
 AIM = str(Path(sys.executable).parent / "aim")
 
@@ -92,8 +92,8 @@ def test_policy_plot_is_tracked_as_an_aim_image(tmp_path):
     from PIL import Image
 
     repo = tmp_path / "aim"
-    run_hash = run_stage("cost", tmp_path / "run", "model=resnet8", "input_size=28", "in_channels=1", "policy=uniform:4/4",
-                         f"tracking.repo={repo}")["tracking"]["run_hash"]
+    run_hash = run_stage_in_process("cost", tmp_path / "run", "model=resnet8", "input_size=28", "in_channels=1",
+                                    "policy=uniform:4/4", f"tracking.repo={repo}")["tracking"]["run_hash"]
     run = {r.hash: r for r in Repo.from_path(str(repo)).iter_runs()}[run_hash]
     images = run.get_image_sequence("policy", Context({"subset": "val"}))
     assert list(images.data.indices()) == [0]  # the step the plot was tracked at

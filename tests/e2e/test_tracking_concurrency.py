@@ -8,17 +8,19 @@ import logging
 import os
 import subprocess
 
+import pytest
 from aim import Repo
 
 from framework.track import aim_tracker
 from framework.track.aim_tracker import LOCK_NAME, Tracker
-from tests.conftest import MPQ, assert_one_error_line, read_result, run_mpq
+from tests.conftest import MPQ, assert_one_error_line, read_result, run_mpq_in_process
 
 JOBS = 6
 TINY = ["data=fashion_mnist", "model=resnet8", "data.fraction=0.01", "data.test_fraction=0.02", "train.epochs=1",
         "train.max_steps=2"]
 
 
+@pytest.mark.slow  # six processes at once: `make test-all`
 def test_six_jobs_at_once_against_a_new_repository_all_run_and_are_all_readable(tmp_path):
     repo = tmp_path / "aim"  # does not exist yet: the first opener creates it while the others wait
     run_dirs = [tmp_path / f"job{k}" for k in range(JOBS)]
@@ -72,7 +74,7 @@ def test_a_tracking_failure_after_the_start_warns_once_and_switches_tracking_off
 def test_a_repository_path_that_is_a_file_is_one_clear_error_before_any_compute(tmp_path):
     not_a_folder = tmp_path / "aim"
     not_a_folder.write_text("a file where the repository should be\n")
-    proc = run_mpq("pretrain", *TINY, f"tracking.repo={not_a_folder}", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_mpq_in_process("pretrain", *TINY, f"tracking.repo={not_a_folder}", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_error_line(proc, "pretrain", "cannot open the Aim repository", str(not_a_folder), "1 attempt(s)",
                           "tracking.enabled=false", run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

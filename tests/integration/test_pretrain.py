@@ -1,5 +1,6 @@
 """A short real pretrain learns: well above chance on held-out Fashion-MNIST."""
 
+import pytest
 import torch
 
 from framework.results import read_result
@@ -8,6 +9,8 @@ from framework.stages.pretrain import run_pretrain
 from tests.conftest import compose_config
 
 
+@pytest.mark.slow  # 46 steps on 6,000 images and two evaluations of 2,000 (about a minute on 2 cores): `make test-all`;
+# the fast tier's pretrain smoke (tests/e2e/test_cli.py) checks a shorter run beats chance
 def test_short_pretrain_beats_chance_by_a_wide_margin(tmp_path):
     cfg = compose_config(
         "pretrain",

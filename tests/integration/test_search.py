@@ -89,6 +89,8 @@ def test_a_larger_complexity_weight_lowers_the_expected_bitops(tmp_path, fp_chec
     assert high.metrics["expected_gbitops"] < low.metrics["expected_gbitops"]
 
 
+@pytest.mark.slow  # a search and two fine-tunings (SGD, SAQ) with their evaluations: `make test-all`; the fast
+# tier fine-tunes a searched policy in the pipeline smoke run (tests/e2e/test_cli.py)
 def test_finetune_under_the_searched_policy(tmp_path, fp_checkpoint):
     found = _search(tmp_path / "search", fp_checkpoint, "search=asga", "search.max_steps=4")
     for name, overrides in (("sgd", []), ("saq", ["finetune=saq"])):

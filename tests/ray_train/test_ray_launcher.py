@@ -3,8 +3,8 @@
 The cluster: a head and a second node (`ray start --address`), one CPU each, started inside the
 test's namespace. The second node runs in its own mount namespace where one folder of the test's
 temporary directory is hidden behind an empty tmpfs, so it stands for a node that does not see a
-run directory outside the shared storage. The default suite runs the equality and the storage
-check; the restart, the stop-and-resume and the pipeline are marked slow (`make test-all`).
+run directory outside the shared storage. A Ray cluster and Ray Train workers: every test is slow
+(`make test-all`); the restart and the stop-and-resume are fault tests too.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from tests.conftest import (
     trained_parameters,
     wait_for,
 )
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.distributed]
 
 STEPS = 4
 FINETUNE = ["finetune", "policy=uniform:4/4", "data.fraction=0.05", "data.augment=false", "data.test_fraction=0.05",
@@ -141,7 +143,7 @@ def _start_on_ray_and_wait_for_step_4(cluster, init_checkpoint: str, run_dir: Pa
     return proc
 
 
-@pytest.mark.slow  # minutes: make test-all runs it
+@pytest.mark.faults
 def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_weights(tmp_path, ray_cluster,
                                                                                       init_checkpoint, uninterrupted):
     """SIGKILL to rank 1 after the step-4 checkpoint: Ray Train starts the worker group again, which
@@ -161,7 +163,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_to_the_uninterrupted_w
     assert_close_parameters(run_dir, uninterrupted)
 
 
-@pytest.mark.slow  # minutes: make test-all runs it
+@pytest.mark.faults
 def test_sigterm_to_the_driver_checkpoints_and_resume_true_continues(tmp_path, ray_cluster, init_checkpoint,
                                                                       uninterrupted):
     """A stopped job: the workers save checkpoints/last and stop, the run ends `interrupted` (143),
@@ -195,7 +197,6 @@ def test_a_run_directory_a_node_cannot_see_is_one_clear_error(ray_cluster, init_
     assert read_json(run_dir / "result.json")["status"] == "error"
 
 
-@pytest.mark.slow  # minutes: make test-all runs it
 def test_the_pipeline_sweeps_and_finetunes_on_the_cluster_and_leaves_it_running(tmp_path, ray_cluster):
     run_dir = tmp_path / "pipeline"
     done = _run(ray_cluster, "pipeline", "experiment=smoke", "launcher=ray", "pipeline.sweep=true", "pipeline.export=false",

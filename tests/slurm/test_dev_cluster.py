@@ -13,7 +13,8 @@ import pytest
 from framework.paths import REPO_ROOT
 
 SCRIPTS = REPO_ROOT / "slurm" / "dev-cluster"
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the development cluster starts daemons as root")
+pytestmark = [pytest.mark.slow, pytest.mark.slurm,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the development cluster starts daemons as root")]
 
 
 def _sh(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

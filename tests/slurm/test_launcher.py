@@ -5,8 +5,12 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from framework.paths import REPO_ROOT
 from tests.conftest import MPQ, checkpoint_step, read_json, run_mpq
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # the development cluster's daemons: `make test-all`
 
 
 def _start(env: dict, *args: str) -> tuple[subprocess.Popen, str]:
@@ -32,6 +36,7 @@ def test_a_stage_runs_as_a_slurm_job(slurm_cluster, tmp_path):
     assert result["config"]["launcher"]["name"] == "local"  # what ran inside the job
 
 
+@pytest.mark.faults
 def test_a_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     proc, job = _start(slurm_cluster, "pretrain", "data.fraction=0.05", "data.test_fraction=0.05", "train.epochs=3",
                        "checkpoint_every=5", f"hydra.run.dir={tmp_path}")
@@ -70,6 +75,7 @@ def test_a_cancelled_job_is_reported_not_waited_on(slurm_cluster, tmp_path):
     assert read_json(tmp_path / "result.json")["status"] == "error"
 
 
+@pytest.mark.distributed
 def test_a_two_task_finetune_job_completes(slurm_cluster, tmp_path, pretrained_run):
     """`dist.nproc=2` under `launcher=slurm`: 2 Slurm tasks, each one DeepSpeed rank (gloo)."""
     proc = run_mpq("finetune", f"init_checkpoint={pretrained_run['result']['artifacts']['checkpoint']}",
@@ -102,6 +108,7 @@ def test_multirun_sends_each_sweep_point_as_a_slurm_job(slurm_cluster, tmp_path,
     assert len(list((tmp_path / ".submitit").iterdir())) >= 2  # the jobs Hydra's launcher submitted
 
 
+@pytest.mark.study
 def test_a_study_runs_one_slurm_job_per_row_and_seed(slurm_cluster, tmp_path, pretrained_checkpoint):
     proc = run_mpq("study", "study=smoke", "study.seeds=[0]", f"study.init_checkpoint={pretrained_checkpoint}",
                    "launcher=slurm", "launcher.poll_seconds=0.5", "tracking.enabled=false", f"hydra.run.dir={tmp_path}",

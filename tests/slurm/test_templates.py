@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from framework.paths import REPO_ROOT
 from tests.conftest import read_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]  # the development cluster's daemons: `make test-all`
 
 
 def _sbatch_wait(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -14,6 +18,7 @@ def _sbatch_wait(env: dict, *args: str, timeout: float = 300) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.distributed
 def test_multinode_finetune_template_on_one_node_with_two_processes(slurm_cluster, tmp_path, pretrained_run):
     env = {**slurm_cluster, "MPQ_PYTHON": sys.executable, "MPQ_NPROC_PER_NODE": "2", "MPQ_RUN_DIR": str(tmp_path / "run")}
     done = _sbatch_wait(env, "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job.out",

@@ -17,7 +17,7 @@ from tests.conftest import end_process_group, free_port, port_answers, read_json
 from tests.slurm.conftest import slurm_cluster  # noqa: F401  (the development cluster, as a fixture here too)
 from tests.tune.conftest import TINY_TRIAL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # a Ray cluster of its own (and Slurm): `make test-all`
 
 CLUSTER_SWEEP = ["~tune.space", "+tune.space={seed: {range: [0, 2]}}", "search.epochs=1", "tune.scheduler.name=fifo",
                  "tracking.enabled=false"]
@@ -56,6 +56,7 @@ def test_tune_address_auto_joins_the_running_cluster(tmp_path, pretrained_checkp
     socket.create_connection(("127.0.0.1", int(ray_head.rsplit(":", 1)[1])), timeout=2).close()
 
 
+@pytest.mark.slurm
 def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tmp_path):
     cluster_env = request.getfixturevalue("slurm_cluster")  # brought up only when the test can run
     checkpoint = request.getfixturevalue("pretrained_checkpoint")
@@ -74,6 +75,7 @@ def test_the_sbatch_template_starts_ray_on_the_allocation_and_sweeps(request, tm
     assert result["status"] == "ok" and result["metrics"]["finished"] == 2 and result["ray"]["mode"] == "cluster"
 
 
+@pytest.mark.slurm
 def test_the_sbatch_template_runs_the_whole_pipeline_on_the_ray_cluster_it_starts(request, tmp_path):
     """MPQ_STAGE=pipeline: the sweep through Ray Tune and each stage through Ray Train, on the
     allocation's Ray cluster (`launcher=ray launcher.address=auto`)."""

@@ -21,6 +21,8 @@ from framework.tune.trial import checkpoint_step, finished_result, read_attempts
 from tests.conftest import read_json, wait_for
 from tests.tune.conftest import sweep_config
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # real Ray Tune sweeps, a trial killed, a sweep interrupted: `make test-all`
+
 # One dimension, so the plan's order is the grid's: two good learning rates, then a trial that
 # cannot learn (its fresh proxy head never moves: chance accuracy), then a good one. With two
 # trials at a time the third starts only once one of the first two has reported epoch 1, so ASHA
@@ -80,6 +82,7 @@ def test_asha_stops_the_trial_that_cannot_learn_after_its_first_epoch(asha_sweep
             assert row["epochs"] == 3 and (Path(row["run_dir"]) / "policy.json").exists()
 
 
+@pytest.mark.faults
 def test_a_killed_trial_is_retried_from_its_checkpoint(asha_sweep):
     killed, victim = asha_sweep["killed"], asha_sweep["victim"]
     assert killed, "the trial ended before it could be killed"
@@ -129,6 +132,7 @@ RESTORE_SWEEP = ["~tune.space", "+tune.space={seed: {range: [0, 4]}}", "search.e
                  "checkpoint_every=2", "tracking.enabled=false"]
 
 
+@pytest.mark.faults
 def test_an_interrupted_sweep_restores_and_finished_trials_never_run_twice(tmp_path, pretrained_checkpoint, embedded_ray):
     checkpoint = pretrained_checkpoint
     trials = tmp_path / "trials"

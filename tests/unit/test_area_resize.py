@@ -88,6 +88,8 @@ for height, width in rng.integers(230, 500, (200, 2)):
 """
 
 
+@pytest.mark.slow  # a new process compiling with an empty numba cache: `make test-all`
+@pytest.mark.compile
 def test_a_fast_math_caller_gets_the_same_bytes(tmp_path):
     """FFCV compiles its decoders with `fastmath=True`. In a fresh process with an empty numba cache,
     where such a caller is the first to call the resize, the resize still gives OpenCV's bytes.

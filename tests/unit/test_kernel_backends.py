@@ -23,8 +23,11 @@ from framework.sharpness import TwoPassOptimizer, build_rule
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
-ACCELERATED = ["compiled", pytest.param("native", marks=pytest.mark.skipif(
-    not native.available(), reason="the C kernels do not build here (no C compiler)"))]
+# `compiled` is torch.compile: a cold Inductor compile per kernel variant (minutes on 2 cores), so its
+# cases are slow (`make test-all`); the native kernels build once per machine and are cached.
+ACCELERATED = [pytest.param("compiled", marks=[pytest.mark.slow, pytest.mark.compile]),
+               pytest.param("native", marks=pytest.mark.skipif(
+                   not native.available(), reason="the C kernels do not build here (no C compiler)"))]
 # several 2048-element chunks and a ragged end: both threads and the scalar tails of the C kernels
 SHAPE = (5, 7, 13, 17)
 
