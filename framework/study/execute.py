@@ -50,6 +50,10 @@ def read_run(run: Run) -> dict[str, Any] | None:
         return None
 
 
+#: how decided a search ended (framework.search: its final bit distribution against the fitted policy)
+DECISIVENESS = ("entropy", "argmax_bitops_ratio", "fit_changed_layers", "undecided")
+
+
 def execute_run(plan: StudyPlan, run: Run, landscape: bool) -> dict[str, Any]:
     """Search (if the row does), fine-tune, evaluate and (optionally) measure the landscape of one
     run; returns and writes its `run.json`."""
@@ -69,7 +73,7 @@ def execute_run(plan: StudyPlan, run: Run, landscape: bool) -> dict[str, Any]:
         policy = found["artifacts"]["policy"]
         m = found["metrics"]
         record["search"] = {k: m.get(k) for k in (
-            "proxy_top1", "gbitops", "seconds", "steps", "images_processed", "rho", "repair_applied")}
+            "proxy_top1", "gbitops", "seconds", "steps", "images_processed", "rho", "repair_applied", *DECISIVENESS)}
         record["search"]["method"] = (found.get("config") or {}).get("search", {}).get("method")
         # a result's extra keys sit at the top level of its result.json
         record["search"]["proxy"] = {k: (found.get("proxy") or {}).get(k) for k in ("dataset", "fraction", "size")}

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from framework.results import atomic_write_text
+from framework.results import atomic_write_text, finished_result
 from framework.stats import paired_difference
+from framework.study.execute import DECISIVENESS
 from framework.study.figures import plot_accuracy_vs_cost, plot_policies, plot_radius_traces
 
 LANDSCAPE_KEYS = ("hessian_top_eigenvalue", "surrogate_gap")
@@ -66,6 +67,10 @@ def summarise_row(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, 
             search_images_mean=_mean([s.get("images_processed") for s in searches]),
             proxy_top1_mean=_mean([s.get("proxy_top1") for s in searches]),
             final_rho_mean=_mean([s.get("rho") for s in searches]),
+            entropy_mean=_mean([s.get("entropy") for s in searches]),
+            argmax_bitops_ratio_mean=_mean([s.get("argmax_bitops_ratio") for s in searches]),
+            fit_changed_layers_mean=_mean([s.get("fit_changed_layers") for s in searches]),
+            undecided_runs=sum(1 for s in searches if s.get("undecided")),
         )
     for key in LANDSCAPE_KEYS:
         values = [r.get("landscape", {}).get(key) for r in runs]
@@ -99,6 +104,10 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def build_report(study: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[str, Any]],
                  fp: dict[str, Any] | None, out_dir: Path) -> dict[str, Any]:
     """study.json's content; also writes the figures into `out_dir`/figures."""
+    for run in runs:  # runs recorded without the search's decisiveness: read it from the search's result.json
+        search = run.get("search")
+        if search and "entropy" not in search and (found := finished_result(out_dir / run["dir"] / "search")):
+            search.update({k: found.get("metrics", {}).get(k) for k in DECISIVENESS})
     by_row = {row["name"]: [r for r in runs if r["row"] == row["name"]] for row in rows}
     summaries = [summarise_row(row, sorted(by_row[row["name"]], key=lambda r: r["seed"])) for row in rows]
     named = {s["name"]: s for s in summaries}
@@ -178,6 +187,17 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{_num(s.get('search_compute_rel'), '.2f')} | {_num(s.get('hessian_top_eigenvalue_mean'), '.3g')} | "
             f"{_num(s.get('surrogate_gap_mean'), '.3g')} |"
         )
+    searched = [s for s in report["rows"] if s.get("entropy_mean") is not None]
+    if searched:
+        lines += ["", "## How decided the searches ended", "",
+                  "Mean over seeds of the final bit distribution's normalised entropy (1: uniform; a search above "
+                  "0.8 is undecided), the BitOps of its argmax policy over the budget, and how many layers the exact "
+                  "fit to the budget changed from the argmax.", "",
+                  "| row | entropy | argmax BitOps / budget | layers the fit changed | undecided runs |",
+                  "|---|---|---|---|---|"]
+        for s in searched:
+            lines.append(f"| {s['label']} | {s['entropy_mean']:.3f} | {_num(s.get('argmax_bitops_ratio_mean'), '.2f')} | "
+                         f"{_num(s.get('fit_changed_layers_mean'), '.1f')} | {s['undecided_runs']} of {s['n']} |")
     lines += ["", "## Against the baselines", "",
               "Paired by seed (the two fine-tunes of a seed share their data order): the mean difference of top-1 "
               "with its 95 % t interval; a row is better or worse only when the interval excludes 0.", ""]
