@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from framework.results import Result, write_result
 from framework.search.loop import check_search_budget, run_search
 from framework.stage import run_directory, sub_config
-from framework.stage.checks import check_policy_spec
+from framework.stage.checks import check_policy_spec, uniform_frontier_specs
 from framework.stages.evaluate import run_evaluate
 from framework.stages.export import run_export
 from framework.stages.finetune import run_finetune
@@ -29,8 +29,6 @@ from framework.tune.sweep import run_sweep
 EXPORT_SUMMARY = ("packed_top1", "onnx_top1", "onnx_default_top1", "agreement", "images", "packed_weight_bytes",
                   "policy_weight_bits", "safetensors_bytes", "onnx_bytes", "float32_bytes")
 
-#: the policy a searched one is compared with (`pipeline.baseline`): the highest uniform W/A within the budget
-BASELINE_POLICY = "uniform-budget"
 
 
 #: RunStage(stage name, the stage's config) -> its Result: where the pipeline's stages run when not
@@ -52,9 +50,9 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
     beside it, since picking among them by their test top-1 would select on the test split.
     With `pipeline.export` (the default) the fine-tuned model is exported (`mpq export`, in
     `export/`) and the summary shows its packed size and parity. With `pipeline.baseline` (the
-    default) the `uniform-budget` policy (the highest uniform W/A within the search's budget) is
-    fine-tuned and evaluated the same way in `finetune_baseline/` and `evaluate_baseline/`, and the
-    summary shows it beside the searched policy. With `run_stage` (`launcher=ray`), every stage
+    default) the best uniform split within the search's budget is fine-tuned and evaluated the same
+    way (:func:`best_uniform_split`: every split of the budget's uniform frontier fine-tuned, the one
+    of the highest validation top-1 kept), and the summary shows it beside the searched policy. With `run_stage` (`launcher=ray`), every stage
     but the sweep runs through it (the sweep's Ray Tune joins the Ray this process is connected to).
     """
     stage = "pipeline"
@@ -116,14 +114,8 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
 
     baseline = None
     if cfg.pipeline.baseline and policy_stage is not None:
-        # the same fine-tuning of the highest uniform bits within the same budget: did the search help?
-        fine = timed("finetune_baseline", run_finetune, sub_config(
-            cfg, run_dir / "finetune_baseline", init_checkpoint=fp_checkpoint, policy=BASELINE_POLICY))
-        evaluated = timed("evaluate_baseline", run_evaluate,
-                          sub_config(cfg, run_dir / "evaluate_baseline", checkpoint=fine.artifacts["checkpoint"]))
-        baseline = {"policy": BASELINE_POLICY, "checkpoint": fine.artifacts["checkpoint"],
-                    **{k: evaluated.metrics.get(k) for k in ("top1", "gbitops", "size_mb", "avg_w_bits", "avg_a_bits")}}
-        artifacts["baseline_checkpoint"] = fine.artifacts["checkpoint"]
+        baseline = best_uniform_split(cfg, run_dir, fp_checkpoint, timed)
+        artifacts["baseline_checkpoint"] = baseline["checkpoint"]
 
     # pipeline.seeds > 1: the same fine-tunes again at seeds seed+1, seed+2, ... (the searched policy and
     # the baseline share each seed, hence its data order): the spread the summary's difference is read against
@@ -132,7 +124,7 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
     for seed in seeds[1:]:
         runs = [("searched", f"finetune_seed{seed}", candidates[0]["policy"])]
         if baseline is not None:
-            runs.append(("baseline", f"finetune_baseline_seed{seed}", BASELINE_POLICY))
+            runs.append(("baseline", f"finetune_baseline_seed{seed}", baseline["policy"]))
         for label, folder, policy in runs:
             fine = timed(folder, run_finetune, sub_config(cfg, run_dir / folder, init_checkpoint=fp_checkpoint,
                                                           policy=policy, seed=seed))
@@ -172,6 +164,29 @@ def run_pipeline(cfg: DictConfig, run_stage: RunStage | None = None) -> Result:
     return result
 
 
+def best_uniform_split(cfg: DictConfig, run_dir: Path, fp_checkpoint: str, timed) -> dict[str, Any]:
+    """The baseline a searched policy is compared with: every split of the budget's uniform frontier
+    (framework.stage.checks.uniform_frontier_specs: 3/2 and 2/3 at 2.5 bits) fine-tuned at the first
+    seed in `finetune_baseline_<W>-<A>/`, the one of the highest validation top-1 (held-out training
+    images; the test split is never a selection) evaluated in `evaluate_baseline/`. Without a
+    validation split (`data.val_fraction=0`) the first split (the most weight bits) is kept."""
+    specs = uniform_frontier_specs(cfg)
+    tried = []
+    for spec in specs:
+        w, a = spec.split(":", 1)[1].split("/")
+        fine = timed(f"finetune_baseline_{w}-{a}", run_finetune, sub_config(
+            cfg, run_dir / f"finetune_baseline_{w}-{a}", init_checkpoint=fp_checkpoint, policy=spec))
+        tried.append({"policy": spec, "checkpoint": fine.artifacts["checkpoint"],
+                      "val_top1": (fine.extra.get("history") or [{}])[-1].get("val_top1")})
+    scored = [t for t in tried if t["val_top1"] is not None]
+    chosen = max(scored, key=lambda t: t["val_top1"]) if scored else tried[0]
+    evaluated = timed("evaluate_baseline", run_evaluate,
+                      sub_config(cfg, run_dir / "evaluate_baseline", checkpoint=chosen["checkpoint"]))
+    return {"policy": chosen["policy"], "checkpoint": chosen["checkpoint"], "splits": tried,
+            "selected_by": "validation top-1" if scored else "no validation split: the first split",
+            **{k: evaluated.metrics.get(k) for k in ("top1", "gbitops", "size_mb", "avg_w_bits", "avg_a_bits")}}
+
+
 def check_fixed_policy(cfg: DictConfig) -> None:
     """`pipeline.policy` resolved on the untrained `cfg.model` before the pretraining
     (framework.stage.checks): a bad policy is one error line in seconds."""
@@ -196,6 +211,10 @@ def _stage_note(stage: str, m: dict[str, Any]) -> str:
     if stage.startswith("evaluate"):
         return f"top-1 {100 * m['top1']:.2f} % on {m['samples']} test images"
     return f"top-1 {100 * m['top1']:.2f} % ({m['steps']} steps)"
+
+
+def _pct_or_dash(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
 
 
 def paired_verdict(paired: dict[str, Any], seeds: list[int]) -> str:
@@ -237,8 +256,12 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any], rows: list[dict[str
             + (f"   (mean of {len(seeds)} seeds)" if several else ""),
             f"  {'searched (' + method + ')':<28}{metrics['avg_w_bits']:>6.2f}/{metrics['avg_a_bits']:<5.2f}"
             f"{metrics['gbitops']:>10.4f}{metrics['size_mb']:>9.4f}{100 * searched_top1:>8.2f} %",
-            f"  {'uniform-budget (baseline)':<28}{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
+            f"  {'uniform ' + baseline['policy'].split(':', 1)[1] + ' (baseline)':<28}"
+            f"{baseline['avg_w_bits']:>6.2f}/{baseline['avg_a_bits']:<5.2f}"
             f"{baseline['gbitops']:>10.4f}{baseline['size_mb']:>9.4f}{100 * baseline_top1:>8.2f} %",
+            "  baseline: the uniform split of the highest validation top-1 of those that fill the budget ("
+            + ", ".join(f"{t['policy'].split(':', 1)[1]} {_pct_or_dash(t['val_top1'])}" for t in baseline["splits"])
+            + f"; {baseline['selected_by']})",
             f"  searched minus baseline: {paired_verdict(metrics['paired'], seeds)}",
         ]
     exported = metrics.get("export")

@@ -11,6 +11,7 @@ from framework.policy.bits import (
     random_bits,
     uniform_bits,
     uniform_budget_bits,
+    uniform_frontier,
 )
 from framework.policy.budget import BudgetLimits, budget_from_config, uniform_budget_bitops
 from framework.policy.knapsack import (
@@ -61,6 +62,7 @@ __all__ = [
     "uniform_bits",
     "uniform_budget_bitops",
     "uniform_budget_bits",
+    "uniform_frontier",
     "validate_policy",
     "write_policy",
 ]

@@ -126,6 +126,25 @@ def uniform_budget_bits(
     return bits, record
 
 
+def uniform_frontier(
+    layers: list[LayerCost], candidates_w: Sequence[int], candidates_a: Sequence[int], fixed: set[str],
+    fixed_bits: int | None, limits: BudgetLimits, total_params: int,
+) -> list[tuple[int, int]]:
+    """The uniform frontier of a budget: every uniform W/A of the candidates within `limits` that no
+    other one within them dominates (W' >= W and A' >= A), larger W first. At 2.5 average bits over
+    {2, 3, 4, 6} it is 3/2 and 2/3; at 3 bits, 4/2, 3/3 and 2/4. Which of them is the strongest
+    uniform baseline is for held-out data to say, not the order they are listed in."""
+    fits = []
+    for w in candidates_w:
+        for a in candidates_a:
+            bits = uniform_bits(layers, w, a, fixed, fixed_bits)
+            bitops, size = bitops_of(layers, bits), size_bits_of(layers, bits, total_params)
+            if (limits.bitops is None or bitops <= limits.bitops) and (limits.size_mb is None or size <= limits.size_mb * 8e6):
+                fits.append((int(w), int(a)))
+    frontier = [(w, a) for w, a in fits if not any((w2 >= w and a2 >= a) and (w2, a2) != (w, a) for w2, a2 in fits)]
+    return sorted(frontier, reverse=True)
+
+
 def derive_bits(model) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, list[float]]]]:
     """Per searchable layer, the argmax of the logits (EdMIPS/GMPQ); also the probabilities."""
     bits, probs = {}, {}

@@ -132,11 +132,17 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     result = read_result(tmp_path)
     assert result["status"] == "ok"
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline",
-        "finetune_seed1", "finetune_baseline_seed1"]  # the fixture runs pipeline.seeds=2
+        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline_3-2", "finetune_baseline_2-3",
+        "evaluate_baseline", "finetune_seed1", "finetune_baseline_seed1"]  # the fixture runs pipeline.seeds=2
     stages = {name: read_result(tmp_path / name) for name in (
-        "pretrain", "search", "finetune", "evaluate", "finetune_baseline", "evaluate_baseline", "finetune_seed1",
-        "finetune_baseline_seed1")}
+        "pretrain", "search", "finetune", "evaluate", "finetune_baseline_3-2", "finetune_baseline_2-3",
+        "evaluate_baseline", "finetune_seed1", "finetune_baseline_seed1")}
+    # the baseline: of the uniform splits that fill 2.5 bits (3/2, 2/3), the one of the higher validation top-1
+    val = {split: stages[f"finetune_baseline_{split}"]["history"][-1]["val_top1"] for split in ("3-2", "2-3")}
+    chosen = max(val, key=val.get)
+    assert result["baseline"]["policy"] == "uniform:" + chosen.replace("-", "/")
+    stages["finetune_baseline"] = stages[f"finetune_baseline_{chosen}"]
+    assert stages["evaluate_baseline"]["config"]["checkpoint"] == stages["finetune_baseline"]["artifacts"]["checkpoint"]
     assert stages["pretrain"]["metrics"]["steps"] == 20
     assert stages["search"]["metrics"]["steps"] == 6 and stages["finetune"]["metrics"]["steps"] == 6
     # the fine-tuned model is the searched policy, and evaluate scores the fine-tuned checkpoint
@@ -146,7 +152,7 @@ def test_pipeline_runs_every_stage_and_prints_a_summary(smoke_pipeline):
     assert result["metrics"]["fp_top1"] == stages["pretrain"]["metrics"]["top1"]
     assert result["metrics"]["gbitops"] == pytest.approx(stages["search"]["metrics"]["gbitops"])
     for line in ("mpq pipeline summary", "full-precision top-1", "quantized top-1", "GBitOps", "search", "finetune",
-                 "uniform-budget (baseline)", "searched minus baseline", "exported", "export parity"):
+                 f"uniform {chosen.replace('-', '/')} (baseline)", "searched minus baseline", "exported", "export parity"):
         assert line in proc.stdout
     # the fine-tuned model exported, its parity checked on the test images the evaluation used
     exported = read_result(tmp_path / "export")

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from framework.config import validate_config
 from framework.paths import CONF_DIR
+from framework.stage.checks import uniform_frontier_specs
 from tests.conftest import compose_config, read_result, run_stage
 
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -76,8 +77,9 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     assert ran == expected
 
     again = [f"{name}_seed{cfg.seed + i}" for i in range(1, cfg.pipeline.seeds) for name in ("finetune", "finetune_baseline")]
+    splits = [f"finetune_baseline_{spec.split(':', 1)[1].replace('/', '-')}" for spec in uniform_frontier_specs(cfg)]
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "search", "finetune", "evaluate", "export", "finetune_baseline", "evaluate_baseline", *again]
+        "pretrain", "search", "finetune", "evaluate", "export", *splits, "evaluate_baseline", *again]
     stages = {row["stage"]: read_result(run_dir / row["stage"]) for row in result["stages"]}
     for stage, count in steps.items():
         assert stages[stage]["metrics"]["steps"] == count, stage

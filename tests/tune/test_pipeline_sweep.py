@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from framework.stage.checks import uniform_frontier_specs
 from tests.conftest import (
     assert_one_error_line,
+    compose_config,
     policy_layers,
     read_json,
     run_mpq,
@@ -48,7 +50,9 @@ def test_pipeline_with_a_sweep_finetunes_the_top_k_policies(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = read_json(tmp_path / "result.json")
     assert [row["stage"] for row in result["stages"]] == [
-        "pretrain", "sweep", "finetune", "evaluate", "finetune_top2", "evaluate_top2", "export", "finetune_baseline",
+        "pretrain", "sweep", "finetune", "evaluate", "finetune_top2", "evaluate_top2", "export",
+        *(f"finetune_baseline_{s.split(':', 1)[1].replace('/', '-')}"
+          for s in uniform_frontier_specs(compose_config("pipeline", ["experiment=smoke"]))),
         "evaluate_baseline"]
     sweep = read_json(tmp_path / "sweep" / "result.json")
     assert sweep["metrics"]["finished"] == 2 and (tmp_path / "sweep" / "pareto.png").exists()
