@@ -38,10 +38,9 @@ def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_keeps_what_it_sets_and_validates(tmp_path, name):
-    """What the run below checks before it starts, for every experiment, in-process."""
-    overrides = [f"experiment={name}"] if name == "smoke" else [f"experiment={name}", *SHRINK]
+def composed_keeping_what_it_sets(name, overrides):
+    """The pipeline config of experiment `name` with `overrides`; every value the experiment's file
+    sets that the overrides leave alone is in it."""
     cfg = compose_config("pipeline", overrides)
     written = _leaves(yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()))
     shrunk = {item.split("=", 1)[0] for item in overrides}
@@ -49,7 +48,14 @@ def test_every_experiment_composes_keeps_what_it_sets_and_validates(tmp_path, na
     assert kept, f"the shrink overrides everything experiment {name} sets"
     for key, value in kept.items():
         assert OmegaConf.select(cfg, key) == value, key
-    validate_config(cfg)  # what `mpq pipeline` checks first
+    return cfg
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_keeps_what_it_sets_and_validates(tmp_path, name):
+    """What the run below checks before it starts, for every experiment, in-process."""
+    overrides = [f"experiment={name}"] if name == "smoke" else [f"experiment={name}", *SHRINK]
+    validate_config(composed_keeping_what_it_sets(name, overrides))  # what `mpq pipeline` checks first
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])
@@ -61,13 +67,7 @@ def test_every_experiment_composes_and_runs_a_few_steps_of_every_stage(tmp_path,
     else:
         run_dir, aim_repo, steps = tmp_path / "run", tmp_path / "aim", STEPS
         overrides = [f"experiment={name}", *SHRINK, f"tracking.repo={aim_repo}"]
-    cfg = compose_config("pipeline", overrides)
-    written = _leaves(yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()))
-    shrunk = {item.split("=", 1)[0] for item in overrides}
-    kept = {key: value for key, value in written.items() if key not in shrunk}
-    assert kept, f"the shrink overrides everything experiment {name} sets"
-    for key, value in kept.items():
-        assert OmegaConf.select(cfg, key) == value, key
+    cfg = composed_keeping_what_it_sets(name, overrides)
 
     result = read_result(run_dir) if name == "smoke" else run_stage("pipeline", run_dir, *overrides)
     # the command ran exactly the composed config (run_dir is Hydra's output folder, set by `mpq`)
