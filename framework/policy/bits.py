@@ -95,6 +95,16 @@ def random_bits(
     return fit_to_budget(layers, drawn, probs, {name: (cw, ca) for name in searched}, limits, total_params, fill=fill)
 
 
+def _uniform_fits(layers, candidates_w, candidates_a, fixed, fixed_bits, limits, total_params):
+    """Every uniform W/A of the candidates within `limits`: ((w, a), bits, BitOps, size in bits)."""
+    for w in sorted(candidates_w):
+        for a in sorted(candidates_a):
+            bits = uniform_bits(layers, w, a, fixed, fixed_bits)
+            bitops, size = bitops_of(layers, bits), size_bits_of(layers, bits, total_params)
+            if (limits.bitops is None or bitops <= limits.bitops) and (limits.size_mb is None or size <= limits.size_mb * 8e6):
+                yield (w, a), bits, bitops, size
+
+
 def uniform_budget_bits(
     layers: list[LayerCost], candidates_w: Sequence[int], candidates_a: Sequence[int], fixed: set[str],
     fixed_bits: int | None, limits: BudgetLimits, total_params: int,
@@ -102,13 +112,9 @@ def uniform_budget_bits(
     """`policy=uniform-budget`: the uniform W/A (W from `candidates_w`, A from `candidates_a`, the
     fixed layers at `fixed_bits`) with the most BitOps within `limits`; ties go to the larger W.
     Returns the bits and a record (the pair, its cost and the budget)."""
-    fits = []
-    for w in sorted(candidates_w):
-        for a in sorted(candidates_a):
-            bits = uniform_bits(layers, w, a, fixed, fixed_bits)
-            bitops, size = bitops_of(layers, bits), size_bits_of(layers, bits, total_params)
-            if (limits.bitops is None or bitops <= limits.bitops) and (limits.size_mb is None or size <= limits.size_mb * 8e6):
-                fits.append(((bitops, w), (w, a), bits, size))
+    fits = [((bitops, w), (w, a), bits, size)
+            for (w, a), bits, bitops, size in _uniform_fits(layers, candidates_w, candidates_a, fixed, fixed_bits,
+                                                            limits, total_params)]
     if not fits:
         low = uniform_bits(layers, min(candidates_w), min(candidates_a), fixed, fixed_bits)
         raise MPQError(
@@ -134,13 +140,8 @@ def uniform_frontier(
     other one within them dominates (W' >= W and A' >= A), larger W first. At 2.5 average bits over
     {2, 3, 4, 6} it is 3/2 and 2/3; at 3 bits, 4/2, 3/3 and 2/4. Which of them is the strongest
     uniform baseline is for held-out data to say, not the order they are listed in."""
-    fits = []
-    for w in candidates_w:
-        for a in candidates_a:
-            bits = uniform_bits(layers, w, a, fixed, fixed_bits)
-            bitops, size = bitops_of(layers, bits), size_bits_of(layers, bits, total_params)
-            if (limits.bitops is None or bitops <= limits.bitops) and (limits.size_mb is None or size <= limits.size_mb * 8e6):
-                fits.append((int(w), int(a)))
+    fits = [(int(w), int(a)) for (w, a), *_ in _uniform_fits(layers, candidates_w, candidates_a, fixed, fixed_bits,
+                                                              limits, total_params)]
     frontier = [(w, a) for w, a in fits if not any((w2 >= w and a2 >= a) and (w2, a2) != (w, a) for w2, a2 in fits)]
     return sorted(frontier, reverse=True)
 

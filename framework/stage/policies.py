@@ -27,6 +27,7 @@ full-precision checkpoint pass. The baselines record their method, seed or measu
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ import torch
 from torch import nn
 
 from framework.errors import MPQError
+from framework.landscape.batches import CrossEntropyOnBatches
+from framework.landscape.params import loss_value
 from framework.landscape.sensitivity import hawq_sensitivity, loss_sensitivity
 from framework.policy import (
     DEFAULT_FILL,
@@ -199,11 +202,6 @@ def _best_random(spec: str, model_name: str, layers: list[LayerCost], total_para
                  search_cfg, reference: Reference | None) -> Policy:
     """`random-best:<K>`: of the K budget-fitted draws `random:<K seed + i>`, the one whose quantized
     full-precision model has the least held-out loss (no training)."""
-    import copy
-
-    from framework.landscape.batches import CrossEntropyOnBatches
-    from framework.landscape.params import loss_value
-
     reference = _needs_reference(spec, reference)
     count = parse_random_best(spec)
     started = time.time()
