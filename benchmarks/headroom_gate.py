@@ -40,6 +40,9 @@ def _val_top1(folder: Path, run: dict) -> float | None:
 
 
 def gate(folder: Path) -> dict:
+    if not (folder / "study.json").is_file():
+        raise SystemExit(f"error: {folder} has no study.json; finish the study first "
+                         f"(`mpq study study={folder.name}` resumes it and writes the report)")
     report = json.loads((folder / "study.json").read_text())
     by_row: dict[str, dict[int, dict]] = {}
     for run in report["runs"]:
