@@ -48,3 +48,39 @@ def test_the_readme_headroom_table_is_the_committed_study_json():
                     in readme), row["name"]
     for figure in report["figures"].values():
         assert (HEADROOM / figure).stat().st_size > 0
+
+
+SEARCH_V2 = REPO_ROOT / "docs" / "study" / "search_v2_mobilenet_v2"
+README_SEARCH_V2_ROWS = ("uniform-3-3", "random", "hawq", "dnas-mnist", "asga-mnist", "asga-fixed-mnist", "dnas-target")
+
+
+def test_the_search_v2_tables_are_the_committed_study_json():
+    """The findings page quotes every row (top-1 and its paired difference with the best uniform split,
+    W2/A4, the one gate.md picked on validation top-1); the README quotes the rows it names."""
+    from framework.stats import paired_difference
+
+    report = json.loads((SEARCH_V2 / "study.json").read_text())
+    findings = (REPO_ROOT / "docs" / "studies" / "search_v2_mobilenet_v2.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert report["study"]["name"] == "search_v2_mobilenet_v2" and len(report["runs"]) == 11 * 3
+    assert "best uniform split (by mean validation top-1): uniform-2-4" in (SEARCH_V2 / "gate.md").read_text()
+    by_row: dict[str, dict[int, float]] = {}
+    for run in report["runs"]:
+        by_row.setdefault(run["row"], {})[run["seed"]] = run["top1"]
+    best = by_row["uniform-2-4"]
+    for row in report["rows"]:
+        assert row["n"] == 3, row["name"]
+        top1 = f"{100 * row['top1_mean']:.2f} ± {100 * row['top1_std']:.2f}"
+        assert top1 in findings, row["name"]
+        if row["name"] in (*README_SEARCH_V2_ROWS, "uniform-2-4"):
+            assert top1 in readme, row["name"]
+        if row["name"] == "uniform-2-4":
+            continue
+        seeds = sorted(by_row[row["name"]])
+        paired = paired_difference([by_row[row["name"]][s] for s in seeds], [best[s] for s in seeds])
+        cells = f"| {100 * paired['mean']:+.2f} | [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}] |"
+        assert cells in findings, row["name"]
+        if row["name"] in README_SEARCH_V2_ROWS:
+            assert cells in readme, row["name"]
+    for figure in report["figures"].values():
+        assert (SEARCH_V2 / figure).stat().st_size > 0
