@@ -1,5 +1,5 @@
 """`mpq export` as a user runs it: the artifacts of a fine-tuned checkpoint (the export's smoke run, in
-a subprocess), the README's onnxruntime example on them, `mpq evaluate` of the packed file, and one
+a subprocess), the onnxruntime example of docs/export.md on them, `mpq evaluate` of the packed file, and one
 clear error line for each bad input (the command called in-process: they end before any export)."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from tests.conftest import (
 FAST = ["data.test_fraction=0.05", "export.batch_size=250", "tracking.enabled=false"]
 
 
-def readme_onnx_example() -> str:
-    """The README's onnxruntime example (the python block after its marker)."""
-    text = (REPO_ROOT / "README.md").read_text()
+def docs_onnx_example() -> str:
+    """The onnxruntime example of docs/export.md (the python block after its marker), which the README links."""
+    text = (REPO_ROOT / "docs" / "export.md").read_text()
     match = re.search(r"<!-- export-onnx-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its onnxruntime example"
+    assert match, "docs/export.md lost its onnxruntime example"
     return match.group(1)
 
 
@@ -39,7 +39,7 @@ def exported(finetuned_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.smoke
-def test_export_writes_both_artifacts_and_the_readme_example_runs_them(exported, tmp_path):
+def test_export_writes_both_artifacts_and_the_docs_example_runs_them(exported, tmp_path):
     run_dir, result = exported
     metrics = result["metrics"]
     assert metrics["images"] == 500
@@ -54,11 +54,11 @@ def test_export_writes_both_artifacts_and_the_readme_example_runs_them(exported,
     for name in ("model.safetensors", "model.onnx", "export.json", "policy.json"):
         assert (run_dir / name).is_file()
 
-    # the README's five lines of plain Python run the exported model
-    code = readme_onnx_example().replace("outputs/export/<run>/model.onnx", str(run_dir / "model.onnx"))
+    # the five lines of plain Python of docs/export.md run the exported model
+    code = docs_onnx_example().replace("outputs/export/<run>/model.onnx", str(run_dir / "model.onnx"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README example", "exec"), {})
+        exec(compile(code, "docs/export.md example", "exec"), {})
     predictions = out.getvalue().split()
     assert len(predictions) >= 1 and all(p.strip("[],").isdigit() for p in predictions if p.strip("[],"))
 
