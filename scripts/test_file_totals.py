@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path)
     parser.add_argument("--top", type=int, default=0, help="only the N slowest files (0: all)")
     args = parser.parse_args(argv)
-    totals = sorted(file_totals(args.report).items(), key=lambda item: -item[1][0])
-    whole = sum(seconds for seconds, _ in dict(totals).values()) or 1.0
+    totals = file_totals(args.report)
+    whole = sum(seconds for seconds, _ in totals.values()) or 1.0
     print(f"{'seconds':>8}  {'tests':>5}  {'share':>6}  file")
-    for name, (seconds, count) in totals[: args.top or None]:
+    for name, (seconds, count) in sorted(totals.items(), key=lambda item: -item[1][0])[: args.top or None]:
         print(f"{seconds:8.1f}  {count:5d}  {100 * seconds / whole:5.1f}%  {name}")
-    print(f"{whole:8.1f}  {sum(c for _, c in dict(totals).values()):5d}  100.0%  (all files)")
+    print(f"{whole:8.1f}  {sum(count for _, count in totals.values()):5d}  100.0%  (all files)")
     return 0
 
 
